@@ -1,0 +1,125 @@
+"""Gin plumbing shared by the mov-jax binaries.
+
+Flags follow the t5x binaries: `--gin_file` (repeatable), `--gin_bindings`
+(repeatable), `--gin_search_paths` (comma separated) and the shorthand
+`--gin.MACRO=value`, which becomes the binding `MACRO = value`.
+The directory of the installed gin files is always on the search path, so
+`--gin_file=models/t5_1_1_small.gin` works from anywhere.
+"""
+
+import argparse
+import importlib.resources
+import os
+import pathlib
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
+
+import gin
+
+
+def gin_dir() -> pathlib.Path:
+  """Directory of mov-jax's own gin files (`models/`, `methods/`, ...)."""
+  return pathlib.Path(str(importlib.resources.files('mov_jax.gin_files')))
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> List[str]:
+  """Turns `--gin.X=V` (and `--gin.X V`) into `--gin_bindings=X = V`."""
+  out = []
+  it = iter(argv)
+  for arg in it:
+    if arg.startswith('--gin.'):
+      body = arg[len('--gin.'):]
+      if '=' in body:
+        name, value = body.split('=', 1)
+      else:
+        name = body
+        try:
+          value = next(it)
+        except StopIteration:
+          raise ValueError(f'{arg} needs a value, e.g. {arg}=1000.') from None
+      out.append(f'--gin_bindings={name} = {value}')
+    else:
+      out.append(arg)
+  return out
+
+
+def add_gin_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--gin_file', action='append', default=[],
+                      help='Gin file to parse (repeatable; later wins).')
+  parser.add_argument('--gin_bindings', action='append', default=[],
+                      help='Gin binding, e.g. "TRAIN_STEPS = 10" (repeatable).')
+  parser.add_argument('--gin_search_paths', default='',
+                      help='Comma-separated directories to look for gin files '
+                      'in, before the installed mov-jax gin directory.')
+
+
+def parse_args(parser: argparse.ArgumentParser,
+               argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  """Parses `argv` (default sys.argv[1:]) after rewriting `--gin.X=V`."""
+  import sys  # pylint: disable=g-import-not-at-top
+  argv = list(sys.argv[1:] if argv is None else argv)
+  return parser.parse_args(rewrite_gin_args(argv))
+
+
+def _resolve(path: str, search_paths: Iterable[str]) -> str:
+  if os.path.isabs(path) or os.path.exists(path):
+    return path
+  for root in search_paths:
+    candidate = os.path.join(root, path)
+    if os.path.exists(candidate):
+      return candidate
+  raise FileNotFoundError(
+      f'Gin file {path!r} not found in the working directory nor in the gin '
+      f'search paths {list(search_paths)}. Pass an existing path or add its '
+      'directory with --gin_search_paths=DIR.')
+
+
+def parse_gin(gin_files: Sequence[str],
+              bindings: Sequence[str] = (),
+              search_paths: Sequence[str] = (),
+              finalize: bool = True) -> None:
+  """Parses gin files and bindings with clear errors.
+
+  The installed gin directory is searched last, so a user's own
+  `models/foo.gin` wins over ours. Raises ValueError naming the file or
+  binding that failed, with gin's own message.
+  """
+  paths = [p for p in search_paths if p] + [str(gin_dir())]
+  for path in paths:
+    gin.add_config_file_search_path(path)
+  resolved = [_resolve(f, paths) for f in gin_files]
+  for f in resolved:
+    try:
+      gin.parse_config_file(f, skip_unknown=False)
+    except Exception as e:  # gin raises several types; name the file.
+      raise ValueError(f'Could not parse gin file {f}: {e}') from e
+  for binding in bindings:
+    try:
+      gin.parse_config(binding, skip_unknown=False)
+    except Exception as e:
+      raise ValueError(
+          f'Could not parse gin binding {binding!r}: {e}. Bindings look like '
+          '--gin.MACRO=value or --gin_bindings="module.fn.arg = value".'
+      ) from e
+  if finalize:
+    gin.finalize()
+
+
+def macro_value(name: str, hint: str = '') -> Any:
+  """Evaluates macro `%name` of the parsed config (calling `@fn()` refs)."""
+  try:
+    value = gin.query_parameter(f'%{name}')
+  except ValueError:
+    raise ValueError(
+        f'Gin macro {name} is not defined. {hint}'.rstrip()) from None
+  if isinstance(value, gin.config.ConfigurableReference):
+    if value.evaluate:
+      return value.scoped_configurable_fn()
+    return value.scoped_configurable_fn
+  return value
+
+
+def setup_from_args(args: argparse.Namespace,
+                    extra_bindings: Tuple[str, ...] = ()) -> None:
+  search = [p for p in args.gin_search_paths.split(',') if p]
+  parse_gin(args.gin_file, list(extra_bindings) + list(args.gin_bindings),
+            search)
