@@ -8,7 +8,6 @@ The directory of the installed gin files is always on the search path, so
 """
 
 import argparse
-import importlib.resources
 import os
 import pathlib
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
@@ -17,8 +16,20 @@ import gin
 
 
 def gin_dir() -> pathlib.Path:
-  """Directory of mov-jax's own gin files (`models/`, `methods/`, ...)."""
-  return pathlib.Path(str(importlib.resources.files('mov_jax.gin_files')))
+  """Directory of mov-jax's own gin files (`models/`, `methods/`, ...).
+
+  A wheel installs them as `mov_jax/gin_files/`; a source checkout (and an
+  editable install) keeps them in `<repo>/gin/`. The directory deliberately
+  has no `__init__.py`: a package named `gin` would shadow gin-config for
+  anything started from the repository root.
+  """
+  package_dir = pathlib.Path(__file__).resolve().parent
+  for candidate in (package_dir / 'gin_files', package_dir.parent / 'gin'):
+    if (candidate / 'models').is_dir():
+      return candidate
+  raise FileNotFoundError(
+      f'mov-jax gin files not found next to {package_dir}; reinstall mov-jax '
+      '(pip install -e .) from a complete checkout.')
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> List[str]:
