@@ -60,6 +60,7 @@ setuptools.setup(
     entry_points={
         'console_scripts': [
             'mov-demo=mov_jax.demo:main',
+            'mov-params=mov_jax.params:main',
         ],
     },
     classifiers=[

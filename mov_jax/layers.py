@@ -47,18 +47,24 @@ ACT_MLP = ('batch', 'length', 'mlp')
 
 @dataclasses.dataclass(frozen=True)
 class AdapterSites:
-  """Which adapter module sits at each named site of the network.
+  """Which adapter sits at each named site of the network.
 
-  Each field is a module factory (a Flax module class or a `functools.partial`
-  / gin reference of one) or None for the identity. The network instantiates
-  the factory once per attention block or FFN, named `<site>_adapter`, and
-  calls it as
+  Each field holds an adapter *template*, an unbound Flax module such as
+  `vectors.MixtureOfVectors(num_experts=10)` (in gin:
+  `key = @vectors.MixtureOfVectors()`), or None for the identity. The network
+  clones the template once per attention block or FFN, named
+  `<site>_adapter`, and calls it as
 
-      outputs = adapter(inputs, outputs, deterministic=..., mask=...)
+      outputs = adapter(inputs, outputs, deterministic=..., mask=...,
+                        input_axes=..., output_axes=...)
 
   where `inputs` is what the site's projection consumed, `outputs` what it
-  produced, and `mask` a `[batch, length]` float array that is 1 on real
-  tokens (None where unknown, e.g. in single-step decoding).
+  produced, `mask` a `[batch, length]` float array that is 1 on real tokens
+  (None where unknown, e.g. in single-step decoding), and `input_axes` /
+  `output_axes` the logical axis names of the two arrays (e.g.
+  `('batch', 'length', 'embed')`), from which an adapter names the axes of
+  its own parameters. Templates are configured once, when gin builds them, so
+  a built network never changes with later gin state.
 
   Sites and the shapes an adapter sees (b = batch, l = length):
     query, key, value: inputs [b, l, embed] -> outputs [b, l, heads, kv]
@@ -73,24 +79,43 @@ class AdapterSites:
   `attention_blocks` restricts attention sites to some block kinds
   ('encoder_self', 'decoder_self', 'decoder_cross'); all by default.
   """
-  query: Optional[Callable[..., nn.Module]] = None
-  key: Optional[Callable[..., nn.Module]] = None
-  value: Optional[Callable[..., nn.Module]] = None
-  out: Optional[Callable[..., nn.Module]] = None
-  wi_0: Optional[Callable[..., nn.Module]] = None
-  wi_1: Optional[Callable[..., nn.Module]] = None
-  wi: Optional[Callable[..., nn.Module]] = None
-  mlp_hidden: Optional[Callable[..., nn.Module]] = None
-  wo: Optional[Callable[..., nn.Module]] = None
+  query: Optional[nn.Module] = None
+  key: Optional[nn.Module] = None
+  value: Optional[nn.Module] = None
+  out: Optional[nn.Module] = None
+  wi_0: Optional[nn.Module] = None
+  wi_1: Optional[nn.Module] = None
+  wi: Optional[nn.Module] = None
+  mlp_hidden: Optional[nn.Module] = None
+  wo: Optional[nn.Module] = None
   attention_blocks: Tuple[str, ...] = ('encoder_self', 'decoder_self',
                                        'decoder_cross')
 
-  def factory(self, site: str) -> Optional[Callable[..., nn.Module]]:
+  def __post_init__(self):
+    object.__setattr__(self, 'attention_blocks', tuple(self.attention_blocks))
+    for site in self.site_names():
+      template = getattr(self, site)
+      if template is not None and not isinstance(template, nn.Module):
+        raise TypeError(
+            f'AdapterSites.{site} must be an adapter module instance or None, '
+            f'got {template!r}. In gin, call the reference: '
+            f'{site} = @vectors.MixtureOfVectors() (with parentheses).')
+    unknown = set(self.attention_blocks) - {'encoder_self', 'decoder_self',
+                                            'decoder_cross'}
+    if unknown:
+      raise ValueError(f'Unknown attention_blocks {sorted(unknown)}; use '
+                       "'encoder_self', 'decoder_self', 'decoder_cross'.")
+
+  @classmethod
+  def site_names(cls) -> Tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls)
+                 if f.name != 'attention_blocks')
+
+  def template(self, site: str) -> Optional[nn.Module]:
     return getattr(self, site)
 
   def active_sites(self) -> Tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(self)
-                 if f.name != 'attention_blocks' and getattr(self, f.name))
+    return tuple(s for s in self.site_names() if getattr(self, s) is not None)
 
 
 NO_ADAPTERS = AdapterSites()
@@ -98,15 +123,17 @@ NO_ADAPTERS = AdapterSites()
 
 def apply_site(module: nn.Module, adapters: Optional[AdapterSites], site: str,
                inputs: Array, outputs: Array, *, deterministic: bool,
-               mask: Optional[Array]) -> Array:
+               mask: Optional[Array], input_axes: Tuple[str, ...],
+               output_axes: Tuple[str, ...]) -> Array:
   """Runs the adapter configured for `site` (identity when there is none)."""
-  factory = adapters.factory(site) if adapters is not None else None
-  if factory is None:
+  template = adapters.template(site) if adapters is not None else None
+  if template is None:
     return outputs
-  # Bind the adapter to the calling module's scope so its parameters live next
-  # to the projection they adapt (e.g. `.../attention/key_adapter/...`).
-  adapter = factory(name=f'{site}_adapter', parent=module)
-  return adapter(inputs, outputs, deterministic=deterministic, mask=mask)
+  # Bind a copy to the calling module's scope so its parameters live next to
+  # the projection they adapt (e.g. `.../attention/key_adapter/...`).
+  adapter = template.clone(parent=module, name=f'{site}_adapter')
+  return adapter(inputs, outputs, deterministic=deterministic, mask=mask,
+                 input_axes=input_axes, output_axes=output_axes)
 
 
 # ---------------------------------------------------------------------------
@@ -395,7 +422,8 @@ class MultiHeadDotProductAttention(nn.Module):
     def project(name, init, x, token_mask):
       y = projection(kernel_init=init, name=name)(x)
       y = apply_site(self, adapters, name, x, y, deterministic=deterministic,
-                     mask=token_mask)
+                     mask=token_mask, input_axes=ACT_EMBED,
+                     output_axes=ACT_HEADS)
       return with_sharding_constraint(y, ACT_HEADS)
 
     query = project('query', query_init, inputs_q, q_token_mask)
@@ -426,7 +454,8 @@ class MultiHeadDotProductAttention(nn.Module):
                        kernel_axes=('joined_kv', 'embed'), dtype=self.dtype,
                        name='out')(x)
     out = apply_site(self, adapters, 'out', x, out,
-                     deterministic=deterministic, mask=q_token_mask)
+                     deterministic=deterministic, mask=q_token_mask,
+                     input_axes=ACT_HEADS, output_axes=ACT_EMBED)
     return with_sharding_constraint(out, ACT_EMBED)
 
   def _update_cache(self, query, key, value, mask, bias):
@@ -512,11 +541,11 @@ class MlpBlock(nn.Module):
       x = DenseGeneral(self.intermediate_dim, dtype=self.dtype,
                        kernel_init=self.kernel_init,
                        kernel_axes=('embed', 'mlp'), name=name)(inputs)
-      x = site(name, inputs, x)
+      x = site(name, inputs, x, input_axes=ACT_EMBED, output_axes=ACT_MLP)
       x = _activation(act)(x)
       if idx == 0:
         # IA3's FFN site: the activated first branch, before the product.
-        x = site('mlp_hidden', x, x)
+        x = site('mlp_hidden', x, x, input_axes=ACT_MLP, output_axes=ACT_MLP)
       branches.append(x)
     x = functools.reduce(operator.mul, branches)
     x = nn.Dropout(rate=self.intermediate_dropout_rate, broadcast_dims=(-2,))(
@@ -525,5 +554,5 @@ class MlpBlock(nn.Module):
     output = DenseGeneral(inputs.shape[-1], dtype=self.dtype,
                           kernel_init=self.kernel_init,
                           kernel_axes=('mlp', 'embed'), name='wo')(x)
-    output = site('wo', x, output)
+    output = site('wo', x, output, input_axes=ACT_MLP, output_axes=ACT_EMBED)
     return with_sharding_constraint(output, ACT_EMBED)

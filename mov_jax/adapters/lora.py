@@ -1,0 +1,90 @@
+"""Mixture of LoRA: MoLoRA, and LoRA as its one-expert special case.
+
+A projection `y = W x` becomes `y + (alpha / r) * sum_e p_e B_e A_e x`, with a
+router per adapted projection fed that projection's input. The outputs of the
+experts are mixed (not A and B separately). A ~ normal(0.02) and B = 0, so the
+adapted model equals the base model at initialisation.
+
+The official code materialises every expert's output `[b, l, E, d_out]`. Here
+all experts' down-projections are one contraction `x A -> [b, l, E, r]`
+(rank E*r), the router probabilities scale those rank activations, and one
+contraction over (expert, rank) with B produces `[b, l, d_out]` directly:
+the same sum, without the E-fold output tensor.
+"""
+
+from typing import Callable, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from mov_jax import layers
+from mov_jax.adapters import routing
+
+Array = jax.Array
+
+
+def _flat_features_axis(axes: Tuple[str, ...]) -> str:
+  """Logical name of the flattened feature axes ([heads, kv] -> joined_kv)."""
+  features = tuple(axes[2:])
+  if features == ('heads', 'kv'):
+    return 'joined_kv'
+  if len(features) != 1:
+    raise ValueError(f'Cannot name flattened feature axes {features}.')
+  return features[0]
+
+
+class MixtureOfLoRA(nn.Module):
+  """Adds a router-weighted mixture of low-rank updates to a projection.
+
+  Attributes:
+    rank: rank r of each expert.
+    alpha: scale numerator; the update is multiplied by alpha / r.
+    num_experts: number of experts E.
+    router: how to route (`routing.RouterConfig`); None for one expert
+      without routing (LoRA).
+    lora_a_init: initialiser of A (official: normal(0.02)); B starts at 0.
+  """
+  rank: int = 4
+  alpha: float = 16.0
+  num_experts: int = 10
+  router: Optional[routing.RouterConfig] = routing.RouterConfig()
+  lora_a_init: Callable[..., Array] = nn.initializers.normal(stddev=0.02)
+
+  @nn.compact
+  def __call__(self, inputs: Array, outputs: Array, *, deterministic: bool,
+               mask: Optional[Array], input_axes: Tuple[str, ...],
+               output_axes: Tuple[str, ...]) -> Array:
+    routing.check_mixture('MixtureOfLoRA', self.num_experts, self.router)
+    if self.rank < 1:
+      raise ValueError(f'LoRA rank must be >= 1, got {self.rank}.')
+    batch, length = inputs.shape[:2]
+    d_in = int(np.prod(inputs.shape[2:]))
+    d_out = int(np.prod(outputs.shape[2:]))
+    in_axis = _flat_features_axis(input_axes)
+    out_axis = _flat_features_axis(output_axes)
+    x = inputs.reshape(batch, length, d_in)
+    dtype = outputs.dtype
+
+    lora_a = layers.param_with_axes(
+        'lora_a', self.lora_a_init, (d_in, self.num_experts, self.rank),
+        jnp.float32, axes=(in_axis, 'expert', 'rank'))
+    lora_b = layers.param_with_axes(
+        'lora_b', nn.initializers.zeros, (self.num_experts, self.rank, d_out),
+        jnp.float32, axes=('expert', 'rank', out_axis))
+
+    hidden = jnp.einsum('bld,der->bler', x.astype(dtype),
+                        jnp.asarray(lora_a, dtype))
+    if self.router is not None:
+      router = routing.Router(num_experts=self.num_experts,
+                              config=self.router, name='router')
+      probs = router(
+          x, input_axes=('batch', 'length', in_axis),
+          deterministic=deterministic, mask=mask)
+      hidden = hidden * jnp.asarray(probs, dtype)[..., None]
+    hidden = layers.with_sharding_constraint(
+        hidden, ('batch', 'length', 'expert', 'rank'))
+    delta = jnp.einsum('bler,ero->blo', hidden, jnp.asarray(lora_b, dtype))
+    delta = delta * jnp.asarray(self.alpha / self.rank, dtype)
+    return outputs + delta.reshape(outputs.shape)

@@ -1,0 +1,190 @@
+"""The router shared by every mixture adapter (MoV and MoLoRA).
+
+A router maps the tensor it is fed (`[..., features]`) to probabilities over
+experts (`[..., experts]`) with a bias-free dense layer computed in float32 and
+a softmax, as in the official MoV code. Everything beyond that is optional and
+off by default (the official behaviour): top-k masking, jitter noise,
+sequence-level routing, and the auxiliary losses.
+
+Side outputs (only when the caller makes the collection mutable, so t5x and
+plain inference pay nothing):
+  * `aux_loss/router`: the weighted sum of the router z-loss and the
+    load-balancing loss, which the training loss adds (weights from gin,
+    default 0);
+  * `intermediates/{z_loss, load_balance_loss, expert_probability,
+    expert_top1_fraction, entropy}`: per-router statistics for analysis.
+"""
+
+import dataclasses
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import lax
+
+from mov_jax import layers
+
+Array = jax.Array
+
+TOKEN = 'token'
+SEQUENCE = 'sequence'
+
+
+def _masked_mean(x: Array, weights: Optional[Array], axes: Tuple[int, ...]):
+  if weights is None:
+    return jnp.mean(x, axis=axes)
+  weights = jnp.broadcast_to(weights, x.shape)
+  return jnp.sum(x * weights, axis=axes) / jnp.maximum(
+      jnp.sum(weights, axis=axes), 1.0)
+
+
+def _expand_mask(mask: Optional[Array], ndim: int) -> Optional[Array]:
+  """`[batch, length]` -> `[batch, length, 1, ...]` with `ndim` dims."""
+  if mask is None:
+    return None
+  return jnp.asarray(mask, jnp.float32).reshape(
+      mask.shape + (1,) * (ndim - mask.ndim))
+
+
+def top_k_mask(probs: Array, k: int) -> Array:
+  """1.0 on exactly the k largest experts of each row (ties by index)."""
+  _, idx = lax.top_k(probs, k)
+  return jnp.sum(jax.nn.one_hot(idx, probs.shape[-1], dtype=probs.dtype),
+                 axis=-2)
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+  """How a mixture adapter routes (gin: `router = @routing.RouterConfig()`).
+
+  A plain frozen dataclass rather than a module template, so that every
+  adapter builds its own `Router` (named `router`) from the same settings.
+
+  Attributes:
+    top_k: keep only the k most probable experts (None: soft merging over
+      all, the paper's best setting).
+    renormalize_top_k: rescale the kept probabilities to sum to 1 (the
+      official code does not).
+    jitter_noise: multiplicative uniform noise `[1-eps, 1+eps]` on the router
+      input during training (uses the 'dropout' rng stream).
+    granularity: 'token' (a distribution per token, official) or 'sequence'
+      (one per sequence, from the mean of the non-padding tokens).
+    z_loss_weight: weight of the router z-loss `mean(logsumexp(logits)^2)`.
+    load_balance_weight: weight of the Switch-style load-balancing loss
+      `E * sum_e fraction_e * mean_probability_e`.
+    kernel_stddev: router kernel initialiser normal(stddev) (official: 0.02).
+  """
+  top_k: Optional[int] = None
+  renormalize_top_k: bool = False
+  jitter_noise: float = 0.0
+  granularity: str = TOKEN
+  z_loss_weight: float = 0.0
+  load_balance_weight: float = 0.0
+  kernel_stddev: float = 0.02
+
+  def __post_init__(self):
+    if self.granularity not in (TOKEN, SEQUENCE):
+      raise ValueError(f'Router granularity must be {TOKEN!r} or '
+                       f'{SEQUENCE!r}, got {self.granularity!r}.')
+    if self.top_k is not None and self.top_k < 1:
+      raise ValueError(f'Router top_k must be None or >= 1, got {self.top_k}.')
+    if self.jitter_noise < 0:
+      raise ValueError(f'jitter_noise must be >= 0, got {self.jitter_noise}.')
+
+
+def check_mixture(kind: str, num_experts: int,
+                  router: Optional[RouterConfig]) -> None:
+  """Validates a mixture adapter's expert count against its router."""
+  if num_experts < 1:
+    raise ValueError(f'{kind} num_experts must be >= 1, got {num_experts}.')
+  if router is None and num_experts != 1:
+    single = 'IA3' if 'Vectors' in kind else 'LoRA'
+    raise ValueError(
+        f'{kind} with num_experts={num_experts} needs a router; set '
+        f'router=@routing.RouterConfig() or num_experts=1 ({single}).')
+
+
+class Router(nn.Module):
+  """Dense (no bias) + softmax router over `num_experts` experts."""
+  num_experts: int
+  config: RouterConfig = RouterConfig()
+
+  def probabilities_sum_to_one(self) -> bool:
+    """False only for top-k masking without renormalisation."""
+    cfg = self.config
+    return (cfg.top_k is None or cfg.top_k >= self.num_experts or
+            cfg.renormalize_top_k)
+
+  @nn.compact
+  def __call__(self, inputs: Array, *, input_axes: Tuple[str, ...],
+               deterministic: bool, mask: Optional[Array] = None) -> Array:
+    """Probabilities `[..., experts]` (float32) for `inputs [b, l, ..., d]`.
+
+    `input_axes` are the logical names of `inputs`' axes; the kernel is named
+    `(input_axes[-1], 'expert')`. `mask` (`[b, l]`, 1 on real tokens) drives
+    sequence-level pooling and the statistics.
+    """
+    cfg = self.config
+    if self.num_experts < 1:
+      raise ValueError(f'Router num_experts must be >= 1, got '
+                       f'{self.num_experts}.')
+    if cfg.top_k is not None and cfg.top_k > self.num_experts:
+      raise ValueError(f'Router top_k={cfg.top_k} exceeds num_experts='
+                       f'{self.num_experts}.')
+    x = jnp.asarray(inputs, jnp.float32)
+    token_weights = _expand_mask(mask, x.ndim)
+    if cfg.granularity == SEQUENCE:
+      x = _masked_mean(x, token_weights, axes=(1,))[:, None]
+    if cfg.jitter_noise > 0.0 and not deterministic:
+      x = x * jax.random.uniform(self.make_rng('dropout'), x.shape,
+                                 minval=1.0 - cfg.jitter_noise,
+                                 maxval=1.0 + cfg.jitter_noise)
+    kernel = layers.param_with_axes(
+        'kernel', nn.initializers.normal(stddev=cfg.kernel_stddev), (x.shape[-1], self.num_experts),
+        jnp.float32, axes=(input_axes[-1], 'expert'))
+    logits = jnp.dot(x, kernel)
+    logits = layers.with_sharding_constraint(
+        logits, tuple(input_axes[:-1]) + ('expert',))
+    probs = jax.nn.softmax(logits, axis=-1)
+
+    self._sow_statistics(logits, probs, token_weights)
+
+    if cfg.top_k is not None and cfg.top_k < self.num_experts:
+      probs = probs * top_k_mask(probs, cfg.top_k)
+      if cfg.renormalize_top_k:
+        probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
+    if cfg.granularity == SEQUENCE:
+      probs = jnp.broadcast_to(
+          probs, inputs.shape[:1] + (inputs.shape[1],) + probs.shape[2:])
+    return probs
+
+  def _sow_statistics(self, logits, probs, token_weights):
+    weights = None
+    if token_weights is not None and self.config.granularity == TOKEN:
+      weights = jnp.broadcast_to(token_weights, logits.shape[:-1] + (1,))
+    all_but_experts = tuple(range(logits.ndim - 1))
+    z_loss = _masked_mean(
+        jnp.square(jax.nn.logsumexp(logits, axis=-1, keepdims=True)), weights,
+        all_but_experts)[0]
+    mean_probs = _masked_mean(probs, weights, all_but_experts)
+    top1 = jax.nn.one_hot(jnp.argmax(probs, axis=-1), self.num_experts)
+    top1_fraction = _masked_mean(top1, weights, all_but_experts)
+    load_balance = self.num_experts * jnp.sum(top1_fraction * mean_probs)
+    entropy = _masked_mean(
+        -jnp.sum(probs * jnp.log(probs + 1e-9), axis=-1, keepdims=True),
+        weights, all_but_experts)[0]
+    self.sow('intermediates', 'z_loss', z_loss)
+    self.sow('intermediates', 'load_balance_loss', load_balance)
+    self.sow('intermediates', 'expert_probability', mean_probs)
+    self.sow('intermediates', 'expert_top1_fraction', top1_fraction)
+    self.sow('intermediates', 'entropy', entropy)
+    self.sow('aux_loss', 'router',
+             self.config.z_loss_weight * z_loss +
+             self.config.load_balance_weight * load_balance)
+
+
+def total_aux_loss(aux_collection) -> Array:
+  """Sum of every sown `aux_loss` value (0.0 for an empty collection)."""
+  leaves = jax.tree_util.tree_leaves(aux_collection)
+  return sum((jnp.sum(x) for x in leaves), jnp.zeros((), jnp.float32))

@@ -1,0 +1,94 @@
+"""Mixture of (IA)3 vectors: MoV, and IA3 as its one-expert special case.
+
+At an IA3 site (attention keys and values after projection, the activated FFN
+hidden state) the output is rescaled element-wise by a learned vector. MoV
+keeps E expert vectors and merges them per token with router probabilities,
+`merged = sum_e p_e * l_e`, then scales: `outputs * merged`. Experts start at 1,
+so the adapted model equals the base model at initialisation.
+
+Parameter shapes follow the official code: attention `mov_scaling
+[heads, E, kv]` with a router kernel `[kv, E]` shared by all heads and applied
+per head (routing per token and per head); FFN `mov_scaling [E, mlp]` with a
+router kernel `[mlp, E]`. With `num_experts=1` and `router=None` this is IA3
+(`mov_scaling [heads, 1, kv]` / `[1, mlp]`).
+"""
+
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from mov_jax import layers
+from mov_jax.adapters import routing
+
+Array = jax.Array
+
+ADAPTED = 'adapted'
+SITE_INPUT = 'input'
+
+
+class MixtureOfVectors(nn.Module):
+  """Scales a site's output by a router-weighted mixture of expert vectors.
+
+  Attributes:
+    num_experts: number of expert vectors E.
+    router: how to route (`routing.RouterConfig`); None for one expert
+      without routing (IA3).
+    router_input: 'adapted' routes on the tensor being scaled (official), or
+      'input' on the site's input (e.g. the layer input of a key projection).
+  """
+  num_experts: int = 10
+  router: Optional[routing.RouterConfig] = routing.RouterConfig()
+  router_input: str = ADAPTED
+
+  @nn.compact
+  def __call__(self, inputs: Array, outputs: Array, *, deterministic: bool,
+               mask: Optional[Array], input_axes: Tuple[str, ...],
+               output_axes: Tuple[str, ...]) -> Array:
+    routing.check_mixture('MixtureOfVectors', self.num_experts, self.router)
+    if self.router_input not in (ADAPTED, SITE_INPUT):
+      raise ValueError(f'router_input must be {ADAPTED!r} or {SITE_INPUT!r}, '
+                       f'got {self.router_input!r}.')
+    per_head = outputs.ndim == 4  # [b, l, heads, kv]
+    if per_head:
+      _, _, heads, kv = outputs.shape
+      shape, axes = (heads, self.num_experts, kv), (output_axes[2], 'expert',
+                                                   output_axes[3])
+    elif outputs.ndim == 3:  # [b, l, features]
+      shape, axes = (self.num_experts, outputs.shape[-1]), ('expert',
+                                                            output_axes[-1])
+    else:
+      raise ValueError('MixtureOfVectors expects [batch, length, features] or '
+                       f'[batch, length, heads, kv] outputs, got {outputs.shape}.')
+    scaling = layers.param_with_axes('mov_scaling', nn.initializers.ones,
+                                     shape, jnp.float32, axes=axes)
+
+    if self.router is None:
+      merged = scaling[:, 0, :] if per_head else scaling[0]
+      return outputs * jnp.asarray(merged, outputs.dtype)
+
+    if self.router_input == ADAPTED:
+      router_in, router_axes = outputs, output_axes
+    else:
+      router_in, router_axes = inputs, input_axes
+    router = routing.Router(num_experts=self.num_experts,
+                            config=self.router, name='router')
+    probs = router(
+        router_in, input_axes=router_axes, deterministic=deterministic,
+        mask=mask)
+    if per_head:
+      # probs: [b, l, heads, E] (routed per head) or [b, l, E] (layer input).
+      spec = 'blhe,hek->blhk' if probs.ndim == 4 else 'ble,hek->blhk'
+    else:
+      spec = 'ble,ef->blf'
+    if router.probabilities_sum_to_one():
+      # sum_e p_e l_e = 1 + sum_e p_e (l_e - 1) when the p_e sum to 1; this form
+      # is exactly 1 at initialisation (l_e = 1), so the adapted model equals
+      # the base model bit for bit, and it keeps precision near 1.
+      merged = 1.0 + jnp.einsum(spec, probs, scaling - 1.0)
+    else:
+      # Top-k without renormalisation (official option): the kept mass is < 1.
+      merged = jnp.einsum(spec, probs, scaling)
+    merged = layers.with_sharding_constraint(merged, output_axes)
+    return outputs * jnp.asarray(merged, outputs.dtype)
