@@ -30,10 +30,10 @@ setuptools.setup(
         'mov_jax.tasks': ['data/**/*'],
     },
     install_requires=[
-        'jax>=0.4.30',
-        'flax>=0.8.5',
-        'optax>=0.2.2',
-        'orbax-checkpoint>=0.5.20',
+        'jax>=0.10',
+        'flax>=0.12',
+        'optax>=0.2.8',
+        'orbax-checkpoint>=0.12',
         'seqio>=0.0.19',
         'gin-config>=0.5.0',
         'clu>=0.0.12',
@@ -42,6 +42,7 @@ setuptools.setup(
         'numpy>=1.26',
         'pyarrow>=14',
         'matplotlib>=3.8',
+        'tensorboard>=2.15',
     ],
     extras_require={
         # torch is pinned to the CPU build that test machines carry; it is a
@@ -61,6 +62,9 @@ setuptools.setup(
         'console_scripts': [
             'mov-demo=mov_jax.demo:main',
             'mov-params=mov_jax.params:main',
+            'mov-train=mov_jax.train:main',
+            'mov-eval=mov_jax.eval:main',
+            'mov-convert=mov_jax.convert:main',
         ],
     },
     classifiers=[

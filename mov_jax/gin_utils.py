@@ -8,7 +8,10 @@ The directory of the installed gin files is always on the search path, so
 """
 
 import argparse
+import contextlib
+import logging
 import os
+import re
 import pathlib
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
@@ -98,6 +101,42 @@ def parse_gin(gin_files: Sequence[str],
   for path in paths:
     gin.add_config_file_search_path(path)
   resolved = [_resolve(f, paths) for f in gin_files]
+  with _quiet_include_search():
+    _parse_all(resolved, bindings)
+  if finalize:
+    try:
+      gin.finalize()
+    except Exception as e:  # pylint: disable=broad-except
+      required = re.findall(r'(\w+)/macro\.value set to `%gin\.REQUIRED`',
+                            str(e))
+      if required:
+        raise ValueError(
+            'Missing required gin macro(s): ' + ', '.join(
+                f'{name} (set it with --gin.{name}=...)' for name in required)
+            + '.') from None
+      raise ValueError(f'Invalid gin configuration: {e}') from e
+
+
+class _IncludeSearchFilter(logging.Filter):
+  """Drops gin's 'Path not found' log for search paths that lack an include
+  (it tries each path in turn; a real miss still raises an error)."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith('Path not found')
+
+
+@contextlib.contextmanager
+def _quiet_include_search():
+  flt = _IncludeSearchFilter()
+  root = logging.getLogger()
+  root.addFilter(flt)
+  try:
+    yield
+  finally:
+    root.removeFilter(flt)
+
+
+def _parse_all(resolved: Sequence[str], bindings: Sequence[str]) -> None:
   for f in resolved:
     try:
       gin.parse_config_file(f, skip_unknown=False)
@@ -111,8 +150,6 @@ def parse_gin(gin_files: Sequence[str],
           f'Could not parse gin binding {binding!r}: {e}. Bindings look like '
           '--gin.MACRO=value or --gin_bindings="module.fn.arg = value".'
       ) from e
-  if finalize:
-    gin.finalize()
 
 
 def macro_value(name: str, hint: str = '') -> Any:

@@ -45,3 +45,70 @@ def shift_right(targets: Array, bos_id: int = 0) -> Array:
   """Decoder inputs from targets: prepend BOS (T5 uses the pad id 0)."""
   shifted = jnp.pad(targets, ((0, 0), (1, 0)), constant_values=bos_id)
   return shifted[:, :-1]
+
+
+# t5x's special loss-normalising factors.
+NUM_REAL_TARGET_TOKENS = 'NUM_REAL_TARGET_TOKENS'
+NUM_TOTAL_TARGET_TOKENS = 'NUM_TOTAL_TARGET_TOKENS'
+AVERAGE_PER_SEQUENCE = 'AVERAGE_PER_SEQUENCE'
+
+
+def loss_weights_and_normalizer(batch, loss_normalizing_factor
+                                ) -> Tuple[Array, Array]:
+  """Per-token loss weights and the divisor of their weighted sum.
+
+  `loss_normalizing_factor` follows t5x: None sums the token losses; a number
+  divides by it; NUM_REAL_TARGET_TOKENS by the count of non-padding targets;
+  NUM_TOTAL_TARGET_TOKENS by batch * target length; AVERAGE_PER_SEQUENCE
+  averages within each sequence (each packed segment counts as one) and then
+  over sequences, so long and short targets weigh the same.
+  """
+  targets = batch['decoder_target_tokens']
+  weights = batch.get('decoder_loss_weights')
+  weights = jnp.asarray(targets > 0 if weights is None else weights,
+                        jnp.float32)
+  factor = loss_normalizing_factor
+  if factor is None:
+    return weights, jnp.asarray(1.0, jnp.float32)
+  if isinstance(factor, (int, float)):
+    return weights, jnp.asarray(float(factor), jnp.float32)
+  if factor == NUM_REAL_TARGET_TOKENS:
+    return weights, jnp.maximum(jnp.sum(weights), 1.0)
+  if factor == NUM_TOTAL_TARGET_TOKENS:
+    return weights, jnp.asarray(float(targets.size), jnp.float32)
+  if factor == AVERAGE_PER_SEQUENCE:
+    segments = batch.get('decoder_segment_ids')
+    if segments is None:  # unpacked: each row is one sequence
+      segments = jnp.asarray(weights > 0, jnp.int32)
+    same = (segments[:, :, None] == segments[:, None, :]) & (
+        segments[:, :, None] > 0)
+    tokens_in_segment = jnp.einsum('bqk,bk->bq', same.astype(jnp.float32),
+                                   weights)
+    fractional = weights / jnp.maximum(tokens_in_segment, 1.0)
+    num_sequences = jnp.sum(fractional)  # each segment's fractions sum to 1
+    return fractional, jnp.maximum(num_sequences, 1.0)
+  raise ValueError(
+      f'Unknown LOSS_NORMALIZING_FACTOR {factor!r}: use None, a number, '
+      f"'{NUM_REAL_TARGET_TOKENS}', '{NUM_TOTAL_TARGET_TOKENS}' or "
+      f"'{AVERAGE_PER_SEQUENCE}'.")
+
+
+def normalized_loss(logits: Array, batch, loss_normalizing_factor,
+                    z_loss: float = 0.0) -> Tuple[Array, dict]:
+  """Training loss (cross entropy + output z-loss) and its metrics."""
+  targets = batch['decoder_target_tokens']
+  weights, normalizer = loss_weights_and_normalizer(batch,
+                                                    loss_normalizing_factor)
+  token_loss, z_term = cross_entropy_with_logits(logits, targets, z_loss)
+  loss = jnp.sum(token_loss * weights) / normalizer
+  real = jnp.asarray(targets > 0, jnp.float32)
+  correct = jnp.asarray(jnp.argmax(logits, -1) == targets, jnp.float32)
+  metrics = {
+      'loss': loss,
+      'z_loss': jnp.sum(z_term * weights) / normalizer,
+      'cross_entropy_per_token': jnp.sum((token_loss - z_term) * real) /
+                                 jnp.maximum(jnp.sum(real), 1.0),
+      'accuracy': jnp.sum(correct * real) / jnp.maximum(jnp.sum(real), 1.0),
+      'target_tokens': jnp.sum(real),
+  }
+  return loss, metrics

@@ -1,0 +1,154 @@
+"""Meshes, logical axis rules and shardings: the only place naming mesh axes.
+
+Every parameter and activation of the network carries logical axis names
+(`embed`, `mlp`, `heads`, `joined_kv`, `expert`, ...). The rules below map
+them onto a 2-D `jax.sharding.Mesh` with axes `data` and `model`, as t5x's
+`standard_logical_axis_rules` do, plus our adapter axes. The same jitted train
+step then runs on one CPU, on 8 simulated devices, or on a pod slice.
+"""
+
+import dataclasses
+from typing import Any, Optional, Sequence, Tuple
+
+import flax
+import jax
+import numpy as np
+from flax import linen as nn
+from flax.linen import partitioning as nn_partitioning
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA = 'data'
+MODEL = 'model'
+
+# t5x's standard rules (batch over data; vocab, mlp, heads, joined_kv over
+# model) plus the adapter axes, which stay replicated: adapter tensors are
+# tiny, and sharding `expert` would split one token's mixture across devices.
+STANDARD_RULES: Tuple[Tuple[str, Optional[str]], ...] = (
+    ('batch', DATA),
+    ('vocab', MODEL),
+    ('embed', None),
+    ('mlp', MODEL),
+    ('heads', MODEL),
+    ('kv', None),
+    ('joined_kv', MODEL),
+    ('relpos_buckets', None),
+    ('abspos_buckets', None),
+    ('length', None),
+    ('layers', None),
+    ('stack', None),
+    ('mlp_activations', None),
+    ('expert', None),
+    ('rank', None),
+    ('unmodeled', None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """A `data x model` device mesh (gin: `partitioning.MeshConfig`).
+
+  Attributes:
+    model_parallel: devices per model replica (the `model` axis size).
+    data_parallel: size of the `data` axis; -1 uses all remaining devices.
+    extra_rules: logical axis rules that take precedence over the standard
+      ones, e.g. (('expert', 'model'),).
+  """
+  model_parallel: int = 1
+  data_parallel: int = -1
+  extra_rules: Tuple[Tuple[str, Optional[str]], ...] = ()
+
+  def make_mesh(self, devices: Optional[Sequence[Any]] = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if self.model_parallel < 1 or n % self.model_parallel:
+      raise ValueError(
+          f'model_parallel={self.model_parallel} must divide the {n} '
+          'available devices; pick a mesh preset that fits this machine '
+          '(gin/meshes/).')
+    data = self.data_parallel
+    if data == -1:
+      data = n // self.model_parallel
+    if data * self.model_parallel != n:
+      raise ValueError(
+          f'Mesh {data} (data) x {self.model_parallel} (model) does not use '
+          f'the {n} available devices; set data_parallel=-1 or a product '
+          f'equal to {n}.')
+    grid = np.asarray(devices, dtype=object).reshape(data, self.model_parallel)
+    return Mesh(grid, (DATA, MODEL))
+
+  @property
+  def rules(self) -> Tuple[Tuple[str, Optional[str]], ...]:
+    overridden = {name for name, _ in self.extra_rules}
+    return tuple(self.extra_rules) + tuple(
+        r for r in STANDARD_RULES if r[0] not in overridden)
+
+
+def logical_specs(params_axes) -> Any:
+  """Tree of PartitionSpecs of logical names from a `params_axes` tree."""
+  return nn_partitioning.get_axis_names(params_axes)
+
+
+def shardings_for(logical: Any, mesh: Mesh, rules) -> Any:
+  """NamedShardings (plain nested dicts) for a tree of logical specs."""
+  return flax.core.unfreeze(nn.logical_to_mesh_sharding(logical, mesh, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Rows of a global batch split over the data axis."""
+  return NamedSharding(mesh, PartitionSpec(DATA))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  data = mesh.shape[DATA]
+  if batch_size % data:
+    raise ValueError(
+        f'BATCH_SIZE={batch_size} is not divisible by the {data} data-parallel '
+        'replicas of the mesh; use a multiple of it.')
+
+
+def host_local_to_global(batch, mesh: Mesh):
+  """Assembles each host's rows into one global, data-sharded batch."""
+  sharding = batch_sharding(mesh)
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def add_distributed_flags(parser) -> None:
+  """Multi-host flags shared by the binaries (see launch/)."""
+  parser.add_argument('--coordinator_address', default=None,
+                      help='host:port of process 0 for jax.distributed '
+                      '(multi-host GPU/CPU); TPU pods need only --distributed.')
+  parser.add_argument('--num_processes', type=int, default=None)
+  parser.add_argument('--process_id', type=int, default=None)
+  parser.add_argument('--distributed', action='store_true',
+                      help='jax.distributed.initialize() with auto-detected '
+                      'settings (Cloud TPU pods, SLURM).')
+
+
+def initialize_distributed(args) -> None:
+  """Joins the processes of a multi-host job before any device is used."""
+  if args.coordinator_address:
+    if args.num_processes is None or args.process_id is None:
+      raise ValueError('--coordinator_address needs --num_processes and '
+                       '--process_id.')
+    if jax.config.jax_platforms in (None, '', 'cpu') or 'cpu' in str(
+        jax.config.jax_platforms):
+      # CPU devices of several processes talk through gloo.
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(args.coordinator_address, args.num_processes,
+                               args.process_id)
+  elif args.distributed:
+    jax.distributed.initialize()
+
+
+def hide_accelerators_from_tensorflow() -> None:
+  """tf.data runs on the host; keep TensorFlow off GPUs JAX needs."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # TF already initialised its devices: nothing to do.
+    pass

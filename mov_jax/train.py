@@ -1,0 +1,582 @@
+"""The training binary: gin-configured, partitioned, resumable.
+
+    python -m mov_jax.train \
+      --gin_file=models/t5_1_1_small.gin --gin_file=methods/mov.gin \
+      --gin_file=runs/finetune.gin \
+      --gin.MODEL_DIR="'/tmp/mov'" --gin.MIXTURE_OR_TASK_NAME="'t0_train'"
+
+t5x's macro names: MODEL_DIR, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS,
+TRAIN_STEPS, BATCH_SIZE, INITIAL_CHECKPOINT_PATH, USE_CACHED_TASKS, PACKING,
+LOSS_NORMALIZING_FACTOR, plus CHECKPOINT_PERIOD. All settings live in
+`train.TrainConfig` (bound by gin/runs/*.gin). Starting again with the same
+MODEL_DIR resumes exactly where the last checkpoint left off.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import seqio
+import tensorflow as tf
+from flax import linen as nn
+from flax import traverse_util
+
+from mov_jax import gin_utils
+from mov_jax import models
+from mov_jax import network as network_lib
+from mov_jax import optim
+from mov_jax import partitioning
+from mov_jax import train_state as ts
+from mov_jax.adapters import routing
+
+# Macro -> how to provide it.
+REQUIRED_MACROS = {
+    'MODEL_DIR': '--gin.MODEL_DIR="\'/path/to/run\'"',
+    'MIXTURE_OR_TASK_NAME': '--gin.MIXTURE_OR_TASK_NAME="\'t0_train\'"',
+    'TASK_FEATURE_LENGTHS': "a run gin file (runs/finetune.gin)",
+    'TRAIN_STEPS': '--gin.TRAIN_STEPS=1000',
+    'BATCH_SIZE': '--gin.BATCH_SIZE=32',
+    'NETWORK': 'a model gin file (models/t5_1_1_small.gin, ...)',
+    'TRAINABLE_REGEX': 'a method gin file (methods/mov.gin, methods/full.gin, '
+                       '...)',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training run (gin: `train.TrainConfig`, see gin/runs/).
+
+  Attributes:
+    model_dir: where checkpoints, metrics and exports go (MODEL_DIR).
+    network: the (adapted) network (NETWORK, from the model + method gins).
+    mixture_or_task_name: seqio mixture or task (MIXTURE_OR_TASK_NAME).
+    task_feature_lengths: {'inputs': L, 'targets': L} (TASK_FEATURE_LENGTHS).
+    train_steps: total steps of this model_dir (TRAIN_STEPS).
+    batch_size: global batch size in sequences (BATCH_SIZE).
+    trainable_regex: which parameters train (TRAINABLE_REGEX of the method).
+    optimizer: optimizer and schedule of the trainable parameters.
+    mesh: device mesh and logical axis rules.
+    initial_checkpoint_path: base model to start from (ours, T5X or Hugging
+      Face); adapter parameters absent from it start fresh.
+    adapter_checkpoint_path: an exported adapter to put onto the base.
+    packing: pack several examples per row (PACKING).
+    use_cached_tasks: read seqio's offline cache (USE_CACHED_TASKS; P3 tasks
+      read P3's own files and need no cache).
+    loss_normalizing_factor: see `models.loss_weights_and_normalizer`.
+    z_loss: output z-loss weight.
+    checkpoint_period: save every N steps (CHECKPOINT_PERIOD); the last step
+      is always saved.
+    keep_checkpoints: keep only the newest N (None: keep all).
+    log_period: print, and write metrics, every N steps.
+    seed: seeds parameter init, dropout and the input shuffle.
+    shuffle: shuffle the training data.
+    export_adapter: write the trainable parameters alone at the end.
+  """
+  model_dir: str
+  network: network_lib.Transformer
+  mixture_or_task_name: str
+  task_feature_lengths: Mapping[str, int]
+  train_steps: int
+  batch_size: int
+  trainable_regex: Sequence[str] = ('.*',)
+  optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
+  mesh: partitioning.MeshConfig = partitioning.MeshConfig()
+  initial_checkpoint_path: Optional[str] = None
+  adapter_checkpoint_path: Optional[str] = None
+  packing: bool = True
+  use_cached_tasks: bool = False
+  loss_normalizing_factor: Any = models.NUM_REAL_TARGET_TOKENS
+  z_loss: float = 1e-4
+  checkpoint_period: int = 1000
+  keep_checkpoints: Optional[int] = None
+  log_period: int = 10
+  seed: int = 0
+  shuffle: bool = True
+  export_adapter: bool = True
+
+  def __post_init__(self):
+    problems = []
+    if not isinstance(self.network, network_lib.Transformer):
+      problems.append(f'network must be a network.Transformer, got '
+                      f'{type(self.network).__name__}')
+    if set(self.task_feature_lengths) != {'inputs', 'targets'}:
+      problems.append('TASK_FEATURE_LENGTHS must have exactly the keys '
+                      f"'inputs' and 'targets', got {self.task_feature_lengths}")
+    for name in ('train_steps', 'batch_size', 'checkpoint_period',
+                 'log_period'):
+      if int(getattr(self, name)) < 1:
+        problems.append(f'{name} must be >= 1, got {getattr(self, name)}')
+    if problems:
+      raise ValueError('Invalid training configuration: ' +
+                       '; '.join(problems) + '.')
+
+
+# -------------------------------------------------------------------- data
+
+
+def make_dataset(cfg: TrainConfig, batch_per_host: int) -> tf.data.Dataset:
+  """Batched, repeated, host-sharded encoder-decoder training data."""
+  from mov_jax import tasks  # pylint: disable=g-import-not-at-top
+  tasks.get_mixture_or_task(cfg.mixture_or_task_name)  # clear error if absent
+  ds = seqio.get_dataset(
+      cfg.mixture_or_task_name, dict(cfg.task_feature_lengths),
+      dataset_split='train', shuffle=cfg.shuffle, num_epochs=None,
+      seed=cfg.seed, use_cached=cfg.use_cached_tasks,
+      shard_info=seqio.ShardInfo(jax.process_index(), jax.process_count()),
+      feature_converter=seqio.EncDecFeatureConverter(pack=cfg.packing))
+  return ds.batch(batch_per_host, drop_remainder=True).prefetch(2)
+
+
+def _next_batch(iterator) -> Dict[str, np.ndarray]:
+  return {k: np.asarray(v) for k, v in next(iterator).items()}
+
+
+# ------------------------------------------------------------------- model
+
+
+def _dummy_batch(cfg: TrainConfig) -> Dict[str, jax.ShapeDtypeStruct]:
+  lengths = cfg.task_feature_lengths
+  enc = jax.ShapeDtypeStruct((1, lengths['inputs']), jnp.int32)
+  dec = jax.ShapeDtypeStruct((1, lengths['targets']), jnp.int32)
+  return {'encoder_input_tokens': enc, 'decoder_input_tokens': dec,
+          'decoder_target_tokens': dec}
+
+
+_NETWORK_INPUTS = ('encoder_input_tokens', 'decoder_input_tokens',
+                   'decoder_target_tokens', 'encoder_segment_ids',
+                   'decoder_segment_ids', 'encoder_positions',
+                   'decoder_positions')
+
+
+def network_inputs(batch) -> Dict[str, Any]:
+  return {k: batch[k] for k in _NETWORK_INPUTS if k in batch}
+
+
+def _site_of(path: str) -> str:
+  """'decoder/layers_3/self_attention/key_adapter/router/entropy' ->
+  'decoder/self_attention/key'."""
+  parts = [p for p in path.split('/') if not re.fullmatch(r'layers_\d+', p)]
+  parts = [p[:-len('_adapter')] if p.endswith('_adapter') else p
+           for p in parts]
+  return '/'.join(parts[:-2])  # drop 'router' and the statistic name
+
+
+def router_statistics(intermediates) -> Dict[str, jax.Array]:
+  """Mean routing entropy and expert usage per site, averaged over layers."""
+  flat = traverse_util.flatten_dict(intermediates, sep='/')
+  grouped: Dict[str, list] = {}
+  for path, values in flat.items():
+    stat = path.rsplit('/', 1)[-1]
+    if stat not in ('entropy', 'expert_probability'):
+      continue
+    for value in values:  # sow keeps a tuple per call
+      grouped.setdefault(f'router/{stat}/{_site_of(path)}', []).append(value)
+  return {k: jnp.mean(jnp.stack(v), axis=0) for k, v in grouped.items()}
+
+
+def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule):
+  network = cfg.network
+
+  def train_step(state: ts.TrainState, batch) -> Tuple[ts.TrainState, dict]:
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(trainable):
+      params = optim.merge_params(trainable, state.frozen)
+      logits, sown = network.apply(
+          {'params': params}, **network_inputs(batch), enable_dropout=True,
+          rngs={'dropout': rng}, mutable=['aux_loss', 'intermediates'])
+      loss, metrics = models.normalized_loss(
+          logits, batch, cfg.loss_normalizing_factor, cfg.z_loss)
+      aux = routing.total_aux_loss(sown.get('aux_loss', {}))
+      metrics['router_aux_loss'] = aux
+      metrics.update(router_statistics(sown.get('intermediates', {})))
+      return loss + aux, metrics
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.trainable)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics['learning_rate'] = schedule(state.step)
+    metrics['grad_norm'] = optax.tree.norm(grads)
+    new_state = state.replace(step=state.step + 1, trainable=trainable,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+# ------------------------------------------------------- initial parameters
+
+
+def _flat(tree) -> Dict[str, Any]:
+  return traverse_util.flatten_dict(dict(tree), sep='/')
+
+
+def load_base_params(path: str, config: network_lib.T5Config):
+  """Base parameters from our, T5X or Hugging Face checkpoints (by layout)."""
+  from mov_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  return checkpoints.load_any(path, config)
+
+
+def overlay_params(params, loaded, source: str, expect_all_base: bool = True):
+  """Replaces leaves of `params` by those of `loaded` (same paths/shapes).
+
+  Parameters absent from `loaded` keep their fresh initialisation (adapters);
+  with `expect_all_base`, every non-adapter parameter must be present.
+  """
+  flat = _flat(params)
+  incoming = _flat(loaded)
+  unexpected = sorted(set(incoming) - set(flat))
+  mismatched = [f'{k}: checkpoint {tuple(np.shape(v))}, model '
+                f'{tuple(flat[k].shape)}' for k, v in incoming.items()
+                if k in flat and tuple(np.shape(v)) != tuple(flat[k].shape)]
+  missing = []
+  if expect_all_base:
+    missing = sorted(k for k in flat if k not in incoming and
+                     '_adapter/' not in k)
+  if unexpected or mismatched or missing:
+    raise ValueError(
+        f'Checkpoint {source} does not fit the configured model.\n  '
+        f'shape mismatches: {mismatched[:10]}\n  missing: {missing[:10]}\n  '
+        f'unexpected: {unexpected[:10]}\nUse the model gin file the '
+        'checkpoint was trained with (gin/models/).')
+  for k, v in incoming.items():
+    flat[k] = jax.device_put(np.asarray(v, np.float32), flat[k].sharding)
+  return traverse_util.unflatten_dict(flat, sep='/')
+
+
+# -------------------------------------------------------------- the trainer
+
+
+class MetricsLog:
+  """JSONL (`train_metrics.jsonl`) and TensorBoard (`train/`) metrics."""
+
+  def __init__(self, model_dir: str, resume_step: int):
+    self.path = os.path.join(model_dir, 'train_metrics.jsonl')
+    self._primary = jax.process_index() == 0
+    if self._primary and tf.io.gfile.exists(self.path):
+      # Drop lines of steps that the resumed run will redo.
+      with tf.io.gfile.GFile(self.path) as f:
+        kept = [l for l in f.read().splitlines()
+                if l and json.loads(l)['step'] <= resume_step]
+      with tf.io.gfile.GFile(self.path, 'w') as f:
+        f.write(''.join(l + '\n' for l in kept))
+    self._writer = None
+    if self._primary:
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top
+      self._writer = metric_writers.create_default_writer(
+          os.path.join(model_dir, 'train'), asynchronous=False)
+
+  def write(self, step: int, scalars: Dict[str, float]) -> None:
+    if not self._primary:
+      return
+    with tf.io.gfile.GFile(self.path, 'a') as f:
+      f.write(json.dumps({'step': step, **scalars}, sort_keys=True) + '\n')
+    self._writer.write_scalars(step, scalars)
+
+  def close(self):
+    if self._writer is not None:
+      self._writer.flush()
+      self._writer.close()
+
+
+def _scalars(metrics) -> Dict[str, float]:
+  out = {}
+  for k, v in metrics.items():
+    v = np.asarray(v)
+    if v.ndim == 0:
+      out[k] = float(v)
+    else:  # expert usage vectors: one scalar per expert
+      for i, x in enumerate(v.reshape(-1)):
+        out[f'{k}/expert_{i}'] = float(x)
+  return out
+
+
+def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
+  """Runs (or resumes) training; returns a summary dict.
+
+  `stop_after` ends this invocation after that many steps (checkpointing
+  the last one), as if the job were killed there: used to test resumption.
+  """
+  primary = jax.process_index() == 0
+  mesh = cfg.mesh.make_mesh()
+  rules = cfg.mesh.rules
+  partitioning.check_batch_size(cfg.batch_size, mesh)
+  tf.io.gfile.makedirs(cfg.model_dir)
+  network = cfg.network
+  tx = cfg.optimizer.make()
+  schedule = cfg.optimizer.learning_rate_fn()
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    # Abstract shapes and logical axes first: nothing is allocated.
+    def init_variables(rng):
+      return network.init(rng, **{k: jnp.zeros(v.shape, v.dtype) for k, v in
+                                  _dummy_batch(cfg).items()},
+                          enable_dropout=False)
+
+    root_rng = jax.random.PRNGKey(cfg.seed)
+    init_rng, dropout_rng = jax.random.split(root_rng)
+    abstract = jax.eval_shape(init_variables, init_rng)
+    param_shardings = partitioning.shardings_for(
+        partitioning.logical_specs(abstract['params_axes']), mesh, rules)
+    trainable_shard, frozen_shard = optim.split_trainable(
+        param_shardings, cfg.trainable_regex)
+
+    manager = ts.checkpoint_manager(cfg.model_dir, cfg.checkpoint_period,
+                                    cfg.keep_checkpoints)
+    latest = manager.latest_step()
+
+    # The state's abstract shapes and shardings, identical for a fresh and a
+    # resumed run (so both compile the same step).
+    abstract_state = jax.eval_shape(fresh_state_abstract(
+        init_variables, init_rng, tx, cfg.trainable_regex, dropout_rng))
+    state_shardings = _state_shardings(abstract_state, trainable_shard,
+                                       frozen_shard, mesh)
+
+    def fresh_state():
+      params = jax.jit(lambda r: init_variables(r)['params'],
+                       out_shardings=param_shardings)(init_rng)
+      if cfg.initial_checkpoint_path:
+        params = overlay_params(
+            params, load_base_params(cfg.initial_checkpoint_path,
+                                     network.config),
+            cfg.initial_checkpoint_path)
+      if cfg.adapter_checkpoint_path:
+        from mov_jax import checkpoints  # pylint: disable=g-import-not-at-top
+        params = overlay_params(
+            params, checkpoints.load_params(cfg.adapter_checkpoint_path)[0],
+            cfg.adapter_checkpoint_path, expect_all_base=False)
+      trainable, frozen = optim.split_trainable(params, cfg.trainable_regex)
+      opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(
+          trainable)
+      replicated = partitioning.replicated(mesh)
+      return ts.TrainState(
+          step=jax.device_put(jnp.asarray(0, jnp.int32), replicated),
+          trainable=trainable, frozen=frozen, opt_state=opt_state,
+          rng=jax.device_put(dropout_rng, replicated))
+
+    if latest is None:
+      state = fresh_state()
+    else:
+      # Check the saved shapes first, so that a MODEL_DIR written with
+      # another configuration fails before anything runs or is written.
+      _check_saved_shapes(manager, latest, abstract_state, cfg.model_dir)
+      abstract_state = jax.tree_util.tree_map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+          abstract_state, state_shardings)
+    batch_per_host = cfg.batch_size // jax.process_count()
+    dataset = make_dataset(cfg, batch_per_host)
+    iterator = iter(dataset)
+    start_step = 0
+    if latest is not None:
+      state, meta = ts.restore(manager, latest, abstract_state, iterator)
+      start_step = int(state.step)
+      if primary:
+        print(f'Resumed from {cfg.model_dir}/checkpoints/{latest} '
+              f'(step {start_step}, {meta.get("batches_consumed")} batches '
+              'consumed).', flush=True)
+    elif primary:
+      _write_run_files(cfg, state)
+
+    step_fn = jax.jit(make_train_step(cfg, tx, schedule),
+                      in_shardings=(state_shardings,
+                                    partitioning.batch_sharding(mesh)),
+                      out_shardings=(state_shardings,
+                                     partitioning.replicated(mesh)),
+                      donate_argnums=(0,))
+    log = MetricsLog(cfg.model_dir, start_step)
+    end_step = cfg.train_steps
+    if stop_after is not None:
+      end_step = min(end_step, start_step + stop_after)
+    tokens_per_step = cfg.batch_size * sum(cfg.task_feature_lengths.values())
+    losses = []
+    t_start = time.perf_counter()
+    t_window, window_steps = t_start, 0
+    step = start_step
+    for step in range(start_step, end_step):
+      batch = partitioning.host_local_to_global(_next_batch(iterator), mesh)
+      state, metrics = step_fn(state, batch)
+      window_steps += 1
+      done = step + 1
+      if done % cfg.log_period == 0 or done == end_step or done == 1:
+        scalars = _scalars(jax.device_get(metrics))
+        now = time.perf_counter()
+        scalars['tokens_per_s'] = tokens_per_step * window_steps / max(
+            now - t_window, 1e-9)
+        t_window, window_steps = now, 0
+        losses.append((done, scalars['loss']))
+        log.write(done, scalars)
+        if primary:
+          eta = (now - t_start) / (done - start_step) * (cfg.train_steps - done)
+          print(f'step {done:6d}/{cfg.train_steps}  loss {scalars["loss"]:.4f}'
+                f'  lr {scalars["learning_rate"]:.2e}  '
+                f'{scalars["tokens_per_s"]:8.0f} tokens/s  ETA '
+                f'{_duration(eta)}', flush=True)
+      if done % cfg.checkpoint_period == 0 or done == end_step:
+        ts.save(manager, done, state, iterator,
+                {'batches_consumed': done, 'step': done,
+                 'mixture_or_task_name': cfg.mixture_or_task_name},
+                force=True)
+    manager.wait_until_finished()
+    manager.close()
+    log.close()
+    final_step = int(jax.device_get(state.step))
+    summary = {'model_dir': cfg.model_dir, 'step': final_step,
+               'losses': losses,
+               'checkpoint': os.path.join(cfg.model_dir, 'checkpoints',
+                                          str(final_step)),
+               'metrics': os.path.join(cfg.model_dir, 'train_metrics.jsonl'),
+               'tensorboard': os.path.join(cfg.model_dir, 'train')}
+    if cfg.export_adapter and final_step >= cfg.train_steps:
+      summary['adapter_export'] = export_trainable(cfg, state)
+    return summary
+
+
+def fresh_state_abstract(init_variables, init_rng, tx, regex, dropout_rng):
+  """A function whose eval_shape is the TrainState a fresh run would build."""
+
+  def build():
+    params = init_variables(init_rng)['params']
+    trainable, frozen = optim.split_trainable(params, regex)
+    return ts.TrainState(step=jnp.asarray(0, jnp.int32), trainable=trainable,
+                         frozen=frozen, opt_state=tx.init(trainable),
+                         rng=dropout_rng)
+
+  return build
+
+
+def _state_shardings(abstract_state, trainable_shard, frozen_shard, mesh):
+  """Shardings of a TrainState: parameters by logical axes; optimizer state
+  like its parameter when shapes agree, else replicated (factored moments)."""
+  replicated = partitioning.replicated(mesh)
+  flat_param_shard = {**_flat(trainable_shard)}
+  by_shape = {}
+  for k, v in _flat(abstract_state.trainable).items():
+    by_shape.setdefault(tuple(v.shape), flat_param_shard[k])
+
+  def opt_sharding(x):
+    return by_shape.get(tuple(x.shape), replicated) if x.ndim else replicated
+
+  return ts.TrainState(
+      step=replicated, trainable=trainable_shard, frozen=frozen_shard,
+      opt_state=jax.tree_util.tree_map(opt_sharding, abstract_state.opt_state),
+      rng=replicated)
+
+
+def _check_saved_shapes(manager, step, abstract_state, model_dir):
+  saved = ts.saved_shapes(manager, step)
+  expected = {}
+  for prefix in ('trainable', 'frozen'):
+    for k, v in _flat(getattr(abstract_state, prefix)).items():
+      expected[f'{prefix}/{k}'] = tuple(v.shape)
+  problems = []
+  for k, shape in expected.items():
+    if k not in saved:
+      problems.append(f'{k} missing from the checkpoint')
+    elif saved[k] != shape:
+      problems.append(f'{k}: checkpoint {saved[k]}, model {shape}')
+  extra = sorted(k for k in saved if k.split('/')[0] in ('trainable', 'frozen')
+                 and k not in expected)
+  problems += [f'{k} in the checkpoint but not in the model' for k in extra]
+  if problems:
+    raise ValueError(
+        f'The checkpoint {model_dir}/checkpoints/{step} does not match the '
+        f'configured model ({len(problems)} problems, e.g. {problems[:5]}). '
+        f'MODEL_DIR was written with another gin configuration (see '
+        f'{model_dir}/config.gin): use that configuration, or a new '
+        'MODEL_DIR. Nothing was changed.')
+
+
+def _write_run_files(cfg: TrainConfig, state: ts.TrainState) -> None:
+  path = os.path.join(cfg.model_dir, 'config.gin')
+  if not tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path, 'w') as f:
+      f.write(gin.config_str())
+  count = lambda t: int(sum(np.prod(x.shape) for x in
+                            jax.tree_util.tree_leaves(t)))
+  n_train, n_frozen = count(state.trainable), count(state.frozen)
+  print(f'Training {n_train:,} of {n_train + n_frozen:,} parameters '
+        f'({100.0 * n_train / (n_train + n_frozen):.3f}%) on '
+        f'{jax.device_count()} {jax.default_backend()} device(s); '
+        f'model dir {cfg.model_dir}', flush=True)
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}:{m:02d}:{s:02d}'
+
+
+def export_trainable(cfg: TrainConfig, state: ts.TrainState) -> str:
+  """Writes only the trainable parameters (the adapter) next to MODEL_DIR."""
+  from mov_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  path = os.path.join(cfg.model_dir, 'adapter')
+  checkpoints.save_params(path, jax.device_get(state.trainable),
+                          cfg.network.config, overwrite=True)
+  return path
+
+
+# ----------------------------------------------------------------- the CLI
+
+
+def config_from_gin() -> TrainConfig:
+  """Builds the TrainConfig bound to the TRAINER macro, checking macros."""
+  missing = []
+  for name in REQUIRED_MACROS:
+    try:
+      value = gin.query_parameter(f'%{name}')
+    except ValueError:
+      missing.append(name)
+      continue
+    if value is gin.REQUIRED or (isinstance(value, gin.config.ConfigurableReference)
+                                 and 'REQUIRED' in str(value)):
+      missing.append(name)
+  if missing:
+    raise ValueError('Missing required gin macro(s): ' + '; '.join(
+        f'{name} (set it with {REQUIRED_MACROS[name]})' for name in missing) +
+                     '.')
+  return gin_utils.macro_value(
+      'TRAINER', 'Include a run gin file such as runs/finetune.gin.')
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  gin_utils.add_gin_flags(parser)
+  parser.add_argument('--stop_after', type=int, default=None,
+                      help=argparse.SUPPRESS)
+  partitioning.add_distributed_flags(parser)
+  args = gin_utils.parse_args(parser, argv)
+  partitioning.hide_accelerators_from_tensorflow()
+  try:
+    partitioning.initialize_distributed(args)
+    gin_utils.setup_from_args(args)
+    from mov_jax import tasks  # pylint: disable=g-import-not-at-top
+    tasks.setup_from_gin()
+    cfg = config_from_gin()
+    summary = train(cfg, stop_after=args.stop_after)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  if jax.process_index() == 0:
+    print(f'Done at step {summary["step"]}. Checkpoint: {summary["checkpoint"]}'
+          f'\nMetrics: {summary["metrics"]} (TensorBoard: '
+          f'{summary["tensorboard"]})')
+    if 'adapter_export' in summary:
+      print(f'Adapter (trainable parameters only): {summary["adapter_export"]}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

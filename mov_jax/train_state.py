@@ -1,0 +1,191 @@
+"""Training state and its orbax checkpoints (with the input position).
+
+A checkpoint `<MODEL_DIR>/checkpoints/<step>/` holds three orbax items:
+  state     step, trainable and frozen parameters, optimizer state, RNG
+            (sharded arrays, written asynchronously where orbax allows);
+  dataset   each host's tf.data iterator state (t5x does the same), so a
+            resumed run reads exactly the batches it would have read;
+  metadata  JSON: batches consumed, the mixture, the model config.
+Orbax writes each step to a temporary directory and renames it when
+complete, so a crash never leaves a half-written checkpoint behind.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any, Dict, Optional
+
+import flax
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorflow as tf
+from etils import epath
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that determines the next training step."""
+  step: jax.Array
+  trainable: Dict[str, Any]
+  frozen: Dict[str, Any]
+  opt_state: Any
+  rng: jax.Array
+
+
+# ---------------------------------------------------- dataset iterator item
+
+
+@dataclasses.dataclass
+class DatasetSave(ocp.args.CheckpointArgs):
+  iterator: Any  # a tf.data iterator
+
+
+@dataclasses.dataclass
+class DatasetRestore(ocp.args.CheckpointArgs):
+  iterator: Any  # a fresh iterator of the same pipeline, restored in place
+
+
+class DatasetCheckpointHandler(ocp.CheckpointHandler):
+  """Saves every host's tf.data iterator with `tf.train.Checkpoint`."""
+
+  def _prefix(self, directory: epath.Path) -> str:
+    return os.fspath(directory / f'iterator-{jax.process_index()}')
+
+  def save(self, directory: epath.Path, args: DatasetSave) -> None:
+    tf.train.Checkpoint(iterator=args.iterator).write(self._prefix(directory))
+
+  def restore(self, directory: epath.Path, args: DatasetRestore) -> Any:
+    prefix = self._prefix(directory)
+    if not tf.io.gfile.glob(prefix + '*'):
+      raise FileNotFoundError(
+          f'No input-pipeline state for process {jax.process_index()} in '
+          f'{directory}: was the checkpoint written by a run with another '
+          'number of hosts?')
+    tf.train.Checkpoint(iterator=args.iterator).read(prefix).assert_consumed()
+    return args.iterator
+
+  def metadata(self, directory: epath.Path) -> Optional[Any]:
+    return None
+
+
+ocp.args.register_with_handler(DatasetCheckpointHandler, for_save=True)(
+    DatasetSave)
+ocp.args.register_with_handler(DatasetCheckpointHandler, for_restore=True)(
+    DatasetRestore)
+
+
+# ------------------------------------------------------------------ manager
+
+
+def checkpoint_manager(model_dir: str, period: int,
+                       keep: Optional[int]) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=period, max_to_keep=keep,
+      enable_async_checkpointing=True, create=True)
+  return ocp.CheckpointManager(
+      epath.Path(model_dir) / 'checkpoints', options=options,
+      item_names=('state', 'dataset', 'metadata'))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
+         iterator, metadata: Dict[str, Any], force: bool = False) -> bool:
+  return manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      dataset=DatasetSave(iterator),
+      metadata=ocp.args.JsonSave(metadata)), force=force)
+
+
+def saved_shapes(manager: ocp.CheckpointManager, step: int) -> Dict[str, Any]:
+  """'/'-joined state paths -> shapes, read from checkpoint metadata only."""
+  state_dir = epath.Path(manager.directory) / str(step) / 'state'
+  tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  flat = flax.traverse_util.flatten_dict(_as_dict(tree), sep='/')
+  return {k: tuple(v.shape) for k, v in flat.items() if _is_array_leaf(v)}
+
+
+def _is_array_leaf(x) -> bool:
+  return hasattr(x, 'shape') and hasattr(x, 'dtype')
+
+
+def _as_dict(tree):
+  if _is_array_leaf(tree):
+    return tree
+  if isinstance(tree, dict):
+    return {k: _as_dict(v) for k, v in tree.items()}
+  if dataclasses.is_dataclass(tree):
+    return {f.name: _as_dict(getattr(tree, f.name))
+            for f in dataclasses.fields(tree)}
+  if isinstance(tree, (list, tuple)) and not hasattr(tree, 'shape'):
+    return {str(i): _as_dict(v) for i, v in enumerate(tree)}
+  return tree
+
+
+def restore(manager: ocp.CheckpointManager, step: int,
+            abstract_state: TrainState, iterator):
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      dataset=DatasetRestore(iterator),
+      metadata=ocp.args.JsonRestore()))
+  return restored['state'], restored['metadata']
+
+
+def write_json(path: str, value) -> None:
+  with tf.io.gfile.GFile(path, 'w') as f:
+    f.write(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def is_train_checkpoint(path: str) -> bool:
+  """Whether `path` is one step directory written by the training binary."""
+  return tf.io.gfile.isdir(os.path.join(path, 'state')) and (
+      tf.io.gfile.isdir(os.path.join(path, 'metadata')) or
+      tf.io.gfile.exists(os.path.join(path, 'metadata')))
+
+
+def list_train_checkpoints(model_dir: str) -> Dict[int, str]:
+  """step -> directory of every finished checkpoint under MODEL_DIR."""
+  root = os.path.join(model_dir, 'checkpoints')
+  if not tf.io.gfile.isdir(root):
+    return {}
+  found = {}
+  for name in tf.io.gfile.listdir(root):
+    name = name.rstrip('/')
+    path = os.path.join(root, name)
+    if name.isdigit() and is_train_checkpoint(path):
+      found[int(name)] = path
+  return dict(sorted(found.items()))
+
+
+def restore_train_params(path: str, shardings=None) -> Dict[str, Any]:
+  """Full parameters (trainable + frozen) of a training checkpoint step dir.
+
+  Only the parameters are read (not the optimizer state); with `shardings`
+  (a pytree of Shardings like the params) each device reads its shard.
+  """
+  from mov_jax import optim  # pylint: disable=g-import-not-at-top
+  if not is_train_checkpoint(path):
+    raise FileNotFoundError(
+        f'{path} is not a mov-jax training checkpoint (expected '
+        f'{path}/state and {path}/metadata, as in '
+        '<MODEL_DIR>/checkpoints/<step>/).')
+  state_dir = epath.Path(path) / 'state'
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(state_dir).item_metadata.tree
+  wanted = {k: tree[k] for k in ('trainable', 'frozen')}
+  flat = flax.traverse_util.flatten_dict(wanted, sep='/')
+  flat_shardings = {}
+  if shardings is not None:
+    by_param = flax.traverse_util.flatten_dict(dict(shardings), sep='/')
+    flat_shardings = {k: by_param[k.split('/', 1)[1]] for k in flat}
+  template = {k: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                      sharding=flat_shardings.get(k))
+              for k, m in flat.items()}
+  restore_args = {
+      k: (ocp.ArrayRestoreArgs(sharding=flat_shardings[k]) if flat_shardings
+          else ocp.RestoreArgs(restore_type=np.ndarray)) for k in flat}
+  unflat = lambda d: flax.traverse_util.unflatten_dict(d, sep='/')
+  restored = checkpointer.restore(
+      state_dir, args=ocp.args.PyTreeRestore(
+          item=unflat(template), restore_args=unflat(restore_args),
+          partial_restore=True))
+  return optim.merge_params(restored['trainable'], restored['frozen'])

@@ -1,0 +1,222 @@
+"""The training binary: learning, sharding, resumption, export, errors."""
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from mov_jax import checkpoints
+from mov_jax import gin_utils
+from mov_jax import train
+
+# A tiny MoV run on mini-P3 (runs/demo.gin) with short sequences.
+FAST = ['--gin_file=runs/demo.gin', '--gin.TASK_FEATURE_LENGTHS='
+        "{'inputs': 48, 'targets': 8}", '--gin.BATCH_SIZE=8',
+        '--gin.LOG_PERIOD=1', '--gin.CHECKPOINT_PERIOD=3']
+
+
+def _run_cli(args, env_extra=None, timeout=600):
+  """Runs `python -m mov_jax.train` in a fresh process."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu')
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, '-m', 'mov_jax.train'] + list(args),
+                        env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _losses(model_dir):
+  lines = pathlib.Path(model_dir, 'train_metrics.jsonl').read_text()
+  rows = [json.loads(l) for l in lines.splitlines()]
+  return {r['step']: r['loss'] for r in rows}
+
+
+def _tree_digest(path):
+  digest = hashlib.sha256()
+  for p in sorted(pathlib.Path(path).rglob('*')):
+    if p.is_file():
+      digest.update(str(p.relative_to(path)).encode())
+      digest.update(p.read_bytes())
+  return digest.hexdigest()
+
+
+def _train_in_process(model_dir, *bindings, stop_after=None):
+  gin_utils.parse_gin(['runs/demo.gin'], [
+      f"MODEL_DIR = '{model_dir}'",
+      "TASK_FEATURE_LENGTHS = {'inputs': 48, 'targets': 8}",
+      'BATCH_SIZE = 8', 'LOG_PERIOD = 1', 'CHECKPOINT_PERIOD = 3',
+      *bindings])
+  import mov_jax.tasks  # pylint: disable=g-import-not-at-top
+  mov_jax.tasks.setup_from_gin()
+  return train.train(train.config_from_gin(), stop_after=stop_after)
+
+
+def test_mov_loss_falls_and_outputs_are_written(tmp_path):
+  summary = _train_in_process(tmp_path / 'run', 'TRAIN_STEPS = 12')
+  losses = _losses(tmp_path / 'run')
+  assert sorted(losses) == list(range(1, 13))
+  first = np.mean([losses[s] for s in (1, 2, 3)])
+  last = np.mean([losses[s] for s in (10, 11, 12)])
+  assert last < 0.8 * first, losses
+  rows = [json.loads(l) for l in
+          (tmp_path / 'run' / 'train_metrics.jsonl').read_text().splitlines()]
+  # Router statistics per site, learning rate and throughput are logged.
+  assert {'learning_rate', 'tokens_per_s', 'accuracy'} <= set(rows[-1])
+  assert any(k.startswith('router/entropy/encoder/attention/key')
+             for k in rows[-1])
+  assert any(k.startswith('router/expert_probability/decoder/mlp/mlp_hidden')
+             for k in rows[-1])
+  assert list((tmp_path / 'run' / 'train').glob('events.out.tfevents.*'))
+  assert summary['step'] == 12
+  assert os.path.isdir(summary['adapter_export'])
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+  full = tmp_path / 'full'
+  _train_in_process(full, 'TRAIN_STEPS = 6', 'DROPOUT_RATE = 0.1')
+  import gin  # pylint: disable=g-import-not-at-top
+  gin.clear_config(clear_constants=True)
+  split = tmp_path / 'split'
+  _train_in_process(split, 'TRAIN_STEPS = 6', 'DROPOUT_RATE = 0.1',
+                    stop_after=4)  # "killed" after step 4 (saved at 3 and 4)
+  assert sorted(_losses(split)) == [1, 2, 3, 4]
+  gin.clear_config(clear_constants=True)
+  summary = _train_in_process(split, 'TRAIN_STEPS = 6', 'DROPOUT_RATE = 0.1')
+  assert summary['step'] == 6
+  assert _losses(split) == _losses(full)  # exact, step for step
+
+
+def test_sharded_8_devices_equal_one_device(tmp_path):
+  args = FAST + ['--gin.TRAIN_STEPS=4', '--gin.DROPOUT_RATE=0.1']
+  one = _run_cli(args + [f"--gin.MODEL_DIR='{tmp_path / 'one'}'"])
+  assert one.returncode == 0, one.stderr[-3000:]
+  eight = _run_cli(
+      args + [f"--gin.MODEL_DIR='{tmp_path / 'eight'}'",
+              '--gin.MODEL_PARALLEL=2'],
+      env_extra={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  assert eight.returncode == 0, eight.stderr[-3000:]
+  assert 'on 8 cpu device(s)' in eight.stdout
+  a, b = _losses(tmp_path / 'one'), _losses(tmp_path / 'eight')
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+  for step in a:
+    assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a, b)
+
+
+def test_adapter_export_is_small_and_restores_the_trained_model(tmp_path):
+  """MoV-10 on T5 v1.1 small: adapter export < 1% of the full checkpoint."""
+  import gin  # pylint: disable=g-import-not-at-top
+  base_dir = tmp_path / 'base'
+  gin_utils.parse_gin(['models/t5_1_1_small.gin'],
+                      ["ACTIVATION_DTYPE = 'float32'"])
+  base_net = gin_utils.macro_value('NETWORK')
+  tokens = np.ones((1, 8), np.int32)
+  base_params = base_net.init(jax.random.PRNGKey(3), tokens, tokens, tokens,
+                              enable_dropout=False)['params']
+  checkpoints.save_params(base_dir, base_params, base_net.config)
+  gin.clear_config(clear_constants=True)
+  gin_utils.parse_gin(['models/t5_1_1_small.gin', 'methods/mov.gin',
+                       'runs/finetune.gin'], [
+      f"MODEL_DIR = '{tmp_path / 'run'}'", "MIXTURE_OR_TASK_NAME = "
+      "'mini_p3_train'", "TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 4}",
+      'BATCH_SIZE = 2', 'TRAIN_STEPS = 2', 'CHECKPOINT_PERIOD = 2',
+      "ACTIVATION_DTYPE = 'float32'", 'DROPOUT_RATE = 0.0',
+      f"INITIAL_CHECKPOINT_PATH = '{base_dir}'", 'LEARNING_RATE = 0.1'])
+  import mov_jax.tasks  # pylint: disable=g-import-not-at-top
+  mov_jax.tasks.setup_from_gin()
+  cfg = train.config_from_gin()
+  summary = train.train(cfg)
+  size = lambda p: sum(f.stat().st_size for f in pathlib.Path(p).rglob('*')
+                       if f.is_file())
+  adapter_bytes, full_bytes = size(summary['adapter_export']), size(
+      summary['checkpoint'])
+  assert adapter_bytes < 0.01 * full_bytes, (adapter_bytes, full_bytes)
+  # Base + adapter = the trained model, exactly.
+  base, _ = checkpoints.load_params(base_dir)
+  adapter, _ = checkpoints.load_params(summary['adapter_export'])
+  flat_adapter = traverse_util.flatten_dict(adapter, sep='/')
+  assert flat_adapter and all('_adapter/' in k for k in flat_adapter)
+  assert any(not np.allclose(v, 1.0) for k, v in flat_adapter.items()
+             if k.endswith('mov_scaling'))  # training moved the experts
+  merged = traverse_util.unflatten_dict(
+      {**traverse_util.flatten_dict(base, sep='/'), **flat_adapter}, sep='/')
+  trained_params = _trained_params(summary)
+  assert (set(traverse_util.flatten_dict(merged, sep='/')) ==
+          set(traverse_util.flatten_dict(trained_params, sep='/')))
+  batch = {'encoder_input_tokens': np.arange(2, 34, dtype=np.int32)[None],
+           'decoder_input_tokens': np.array([[0, 5, 6, 7]], np.int32),
+           'decoder_target_tokens': np.array([[5, 6, 7, 1]], np.int32)}
+  trained = cfg.network.apply({'params': trained_params}, **batch,
+                              enable_dropout=False)
+  rebuilt = cfg.network.apply({'params': merged}, **batch,
+                              enable_dropout=False)
+  np.testing.assert_array_equal(np.asarray(trained), np.asarray(rebuilt))
+
+
+def _trained_params(summary):
+  """Full parameters (trainable + frozen) of the final checkpoint."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from mov_jax import optim  # pylint: disable=g-import-not-at-top
+  state = ocp.StandardCheckpointer().restore(
+      os.path.join(summary['checkpoint'], 'state'))
+  return optim.merge_params(state['trainable'], state['frozen'])
+
+
+def test_bad_configurations_fail_clearly_and_leave_checkpoints_alone(
+    tmp_path):
+  model_dir = tmp_path / 'run'
+  ok = _run_cli(FAST + [f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=3'])
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  before = _tree_digest(model_dir / 'checkpoints')
+  # A typo in a binding.
+  typo = _run_cli(FAST + [f"--gin.MODEL_DIR='{model_dir}'",
+                          '--gin_bindings=train.TrainConfig.batch_sizee = 4'])
+  assert typo.returncode == 2 and 'batch_sizee' in typo.stderr
+  # A missing required macro.
+  missing = _run_cli(['--gin_file=models/t5_1_1_tiny.gin',
+                      '--gin_file=methods/mov.gin', '--gin_file=runs/finetune.gin'])
+  assert missing.returncode == 2
+  assert 'MODEL_DIR (set it with --gin.MODEL_DIR' in missing.stderr, (
+      missing.stderr[-2000:])
+  # Resuming a MODEL_DIR with a model of other shapes (30 experts, not 10).
+  other = _run_cli(FAST + [f"--gin.MODEL_DIR='{model_dir}'",
+                           '--gin.TRAIN_STEPS=6', '--gin.NUM_EXPERTS=30'])
+  assert other.returncode == 2
+  assert 'does not match the configured model' in other.stderr
+  assert 'mov_scaling' in other.stderr and 'Nothing was changed' in other.stderr
+  assert _tree_digest(model_dir / 'checkpoints') == before
+
+
+def test_two_processes_train_and_resume_with_jax_distributed(tmp_path):
+  """Multi-host code paths: 2 local processes x 4 CPU devices, 4 x 2 mesh."""
+  launcher = pathlib.Path(__file__).parents[1] / 'launch' / 'local.py'
+  model_dir = tmp_path / 'mh'
+
+  def run(steps):
+    return subprocess.run(
+        [sys.executable, str(launcher), '--num_processes=2',
+         '--devices_per_process=4', '--timeout=500', '--', sys.executable,
+         '-m', 'mov_jax.train'] + FAST + [
+             f"--gin.MODEL_DIR='{model_dir}'", f'--gin.TRAIN_STEPS={steps}',
+             '--gin.MODEL_PARALLEL=2',
+             '--gin_bindings=train.TrainConfig.export_adapter = False'],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+
+  first = run(3)
+  assert first.returncode == 0, first.stdout[-3000:]
+  assert 'on 8 cpu device(s)' in first.stdout
+  # Each host saved its own input-pipeline position.
+  dataset_dir = model_dir / 'checkpoints' / '3' / 'dataset'
+  assert {p.name.split('.')[0] for p in dataset_dir.iterdir()} >= {
+      'iterator-0', 'iterator-1'}
+  second = run(5)
+  assert second.returncode == 0, second.stdout[-3000:]
+  assert 'Resumed from' in second.stdout and '(step 3,' in second.stdout
+  losses = _losses(model_dir)
+  assert sorted(losses) == [1, 2, 3, 4, 5]
+  assert all(np.isfinite(v) for v in losses.values())
