@@ -160,6 +160,10 @@ class Router(nn.Module):
     return probs
 
   def _sow_statistics(self, logits, probs, token_weights):
+    if self.is_initializing():
+      # Side outputs of `init` would become part of the initial variables
+      # (t5x then expects them in every later call).
+      return
     weights = None
     if token_weights is not None and self.config.granularity == TOKEN:
       weights = jnp.broadcast_to(token_weights, logits.shape[:-1] + (1,))
