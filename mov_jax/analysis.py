@@ -7,11 +7,17 @@ highest-scoring choice, and it is right when that choice is marked correct.
 Aggregation (T0 / MoV papers): accuracy per template (one P3 task), then per
 dataset the median (and mean) over its templates, then overall the average
 of the per-dataset medians. Every output names its statistic.
+
+Reporting: `markdown_tables` and `csv_rows` print the evaluation binary's
+results (every header or row names its statistic); `routing_figure` draws
+router usage as a task x expert heatmap.
 """
 
 import collections
 import statistics
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+import numpy as np
 
 
 def rank_classification(example_ids: Sequence[int], choice_ids: Sequence[int],
@@ -113,3 +119,142 @@ def group_rows(rows: Sequence[Tuple[int, int, bool]]
                ) -> Tuple[list, list, list]:
   """Splits (example, choice, is_correct) tuples into three lists."""
   return ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+
+
+# ------------------------------------------------------------ result tables
+
+# Human-readable names of the statistics the tables print.
+_LABELS = {'accuracy': 'accuracy (%)', 'f1_macro': 'macro F1 (%)'}
+
+
+def _fmt(value) -> str:
+  return f'{value:.2f}' if isinstance(value, float) else str(value)
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |',
+           '|' + '|'.join(['---'] + ['---:'] * (len(header) - 1)) + '|']
+  lines += ['| ' + ' | '.join(_fmt(c) for c in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def markdown_tables(rank: Mapping[str, Any],
+                    generation: Mapping[str, Mapping[str, float]]) -> str:
+  """Markdown tables of evaluation results, each header naming its statistic.
+
+  Args:
+    rank: the `rank_classification` section of results.json: `per_template`
+      (task -> {'dataset', 'num_examples', metric: value}) and, per metric,
+      the output of `aggregate` under the metric's name ('accuracy', ...).
+    generation: task -> prediction metrics of decoded tasks.
+  """
+  parts = []
+  per_template = rank.get('per_template', {})
+  metrics = [m for m in _LABELS if m in rank]
+  for metric in metrics:
+    agg = rank[metric]
+    label = _LABELS[metric]
+    rows = [(dataset, v['num_templates'], v[f'median_{metric}'],
+             v[f'mean_{metric}'])
+            for dataset, v in agg['per_dataset'].items()]
+    overall = agg['overall']
+    rows.append((f'**average of the {overall["num_datasets"]} datasets**',
+                 sum(v['num_templates'] for v in agg['per_dataset'].values()),
+                 overall[f'average_of_dataset_median_{metric}'],
+                 overall[f'average_of_dataset_mean_{metric}']))
+    parts.append(_markdown(
+        ['dataset', 'templates', f'median over templates of {label}',
+         f'mean over templates of {label}'], rows))
+  if per_template:
+    header = ['dataset', 'template', 'examples'] + [_LABELS[m] for m in metrics]
+    rows = [[v['dataset'], task, v['num_examples']] +
+            [v.get(m, '') for m in metrics]
+            for task, v in sorted(per_template.items(),
+                                  key=lambda kv: (kv[1]['dataset'], kv[0]))]
+    parts.append(_markdown(header, rows))
+  if generation:
+    names = sorted({k for v in generation.values() for k in v
+                    if k != 'num_examples'})
+    rows = [[task, v['num_examples']] + [v.get(k, '') for k in names]
+            for task, v in sorted(generation.items())]
+    parts.append(_markdown(['generation task', 'examples'] + names, rows))
+  return '\n\n'.join(parts) + '\n'
+
+
+def csv_rows(rank: Mapping[str, Any],
+             generation: Mapping[str, Mapping[str, float]]) -> List[List[Any]]:
+  """Long-format rows `[level, dataset, task, statistic, value]` (with a
+  header row) of the same numbers as `markdown_tables`."""
+  rows: List[List[Any]] = [['level', 'dataset', 'task', 'statistic', 'value']]
+  for task, values in sorted(rank.get('per_template', {}).items()):
+    for stat, value in sorted(values.items()):
+      if stat != 'dataset':
+        rows.append(['template', values['dataset'], task, stat, value])
+  for metric in _LABELS:
+    if metric not in rank:
+      continue
+    for dataset, values in rank[metric]['per_dataset'].items():
+      for stat, value in sorted(values.items()):
+        if stat == 'num_templates':
+          stat = f'num_templates_with_{metric}'
+        rows.append(['dataset', dataset, '', stat, value])
+    for stat, value in sorted(rank[metric]['overall'].items()):
+      if stat == 'num_datasets':
+        stat = f'num_datasets_with_{metric}'
+      rows.append(['overall', '', '', stat, value])
+  for task, values in sorted(generation.items()):
+    for stat, value in sorted(values.items()):
+      rows.append(['generation', '', task, stat, value])
+  return rows
+
+
+# ---------------------------------------------------------- routing figures
+
+
+def routing_figure(usage: Mapping[str, Sequence[float]], title: str,
+                   value_label: str = 'mean router probability'):
+  """A task x expert heatmap (a matplotlib Figure on an Agg canvas: no
+  pyplot, so no display and no global backend state).
+
+  The colours span the values' own range (routers near uniform still show
+  their preferences); every cell is annotated with its value.
+
+  Args:
+    usage: task name -> one value per expert (e.g. the task's mean router
+      probability at one site).
+    title: figure title, e.g. the router site.
+    value_label: what the colours mean (the colour bar's label).
+  """
+  # matplotlib loads slowly: only when a figure is drawn.
+  # pylint: disable=g-import-not-at-top
+  from matplotlib import figure as mpl_figure
+  from matplotlib.backends import backend_agg
+  # pylint: enable=g-import-not-at-top
+  tasks = list(usage)
+  matrix = np.asarray([list(usage[t]) for t in tasks], np.float64)
+  num_tasks, num_experts = matrix.shape
+  low, high = float(matrix.min()), float(matrix.max())
+  high = max(high, low + 1e-6)
+  digits = 2 if high - low >= 0.1 else 3
+  fig = mpl_figure.Figure(figsize=(
+      2.5 + (0.45 + 0.1 * digits) * num_experts +
+      0.08 * max(len(t) for t in tasks), 1.6 + 0.4 * num_tasks))
+  backend_agg.FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  image = ax.imshow(matrix, aspect='auto', cmap='viridis', vmin=low,
+                    vmax=high)
+  ax.set_xticks(range(num_experts))
+  ax.set_xticklabels([str(e) for e in range(num_experts)])
+  ax.set_yticks(range(num_tasks))
+  ax.set_yticklabels(tasks)
+  ax.set_xlabel('expert')
+  ax.set_title(title)
+  if num_tasks * num_experts <= 600:
+    for i in range(num_tasks):
+      for j in range(num_experts):
+        bright = (matrix[i, j] - low) / (high - low) > 0.6
+        ax.text(j, i, f'{matrix[i, j]:.{digits}f}', ha='center',
+                va='center', fontsize=7, color='black' if bright else 'white')
+  fig.colorbar(image, ax=ax, label=value_label)
+  fig.tight_layout()
+  return fig

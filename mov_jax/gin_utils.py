@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import pathlib
-from typing import Any, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import gin
 
@@ -171,3 +171,32 @@ def setup_from_args(args: argparse.Namespace,
   search = [p for p in args.gin_search_paths.split(',') if p]
   parse_gin(args.gin_file, list(extra_bindings) + list(args.gin_bindings),
             search)
+
+
+def require_macros(required: Mapping[str, str]) -> None:
+  """Fails naming every `required` macro (name -> how to set it) that is
+  undefined, None or still %gin.REQUIRED."""
+  missing = []
+  for name in required:
+    try:
+      value = gin.query_parameter(f'%{name}')
+    except ValueError:
+      value = None
+    if value is None or value is gin.REQUIRED or (
+        isinstance(value, gin.config.ConfigurableReference) and
+        'REQUIRED' in str(value)):
+      missing.append(f'{name} (set it with {required[name]})')
+  if missing:
+    raise ValueError(f'Missing required gin macro(s): {"; ".join(missing)}.')
+
+
+def setup_binary(args: argparse.Namespace) -> None:
+  """A binary's start: TensorFlow kept off the accelerators (tf.data only
+  reads files), the multi-host job joined, gin parsed, tasks registered
+  (P3_DATA_DIR)."""
+  from mov_jax import partitioning  # pylint: disable=g-import-not-at-top
+  partitioning.hide_accelerators_from_tensorflow()
+  partitioning.initialize_distributed(args)
+  setup_from_args(args)
+  from mov_jax import tasks  # pylint: disable=g-import-not-at-top
+  tasks.setup_from_gin()

@@ -112,3 +112,16 @@ def normalized_loss(logits: Array, batch, loss_normalizing_factor,
       'target_tokens': jnp.sum(real),
   }
   return loss, metrics
+
+
+def network_and_length_problems(network, task_feature_lengths) -> list:
+  """What is wrong with a binary's NETWORK and TASK_FEATURE_LENGTHS."""
+  from mov_jax import network as network_lib  # pylint: disable=g-import-not-at-top
+  problems = []
+  if not isinstance(network, network_lib.Transformer):
+    problems.append(f'network must be a network.Transformer, got '
+                    f'{type(network).__name__}')
+  if set(task_feature_lengths) != {'inputs', 'targets'}:
+    problems.append('TASK_FEATURE_LENGTHS must have exactly the keys '
+                    f"'inputs' and 'targets', got {task_feature_lengths}")
+  return problems

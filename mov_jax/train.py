@@ -105,13 +105,8 @@ class TrainConfig:
   export_adapter: bool = True
 
   def __post_init__(self):
-    problems = []
-    if not isinstance(self.network, network_lib.Transformer):
-      problems.append(f'network must be a network.Transformer, got '
-                      f'{type(self.network).__name__}')
-    if set(self.task_feature_lengths) != {'inputs', 'targets'}:
-      problems.append('TASK_FEATURE_LENGTHS must have exactly the keys '
-                      f"'inputs' and 'targets', got {self.task_feature_lengths}")
+    problems = models.network_and_length_problems(self.network,
+                                                  self.task_feature_lengths)
     for name in ('train_steps', 'batch_size', 'checkpoint_period',
                  'log_period'):
       if int(getattr(self, name)) < 1:
@@ -474,20 +469,15 @@ def _state_shardings(abstract_state, trainable_shard, frozen_shard, mesh):
 
 
 def _check_saved_shapes(manager, step, abstract_state, model_dir):
-  saved = ts.saved_shapes(manager, step)
+  saved = ts.saved_shapes(os.path.join(os.fspath(manager.directory),
+                                       str(step)))
+  found = {k: v for k, v in saved.items()
+           if k.split('/')[0] in ('trainable', 'frozen')}
   expected = {}
   for prefix in ('trainable', 'frozen'):
     for k, v in _flat(getattr(abstract_state, prefix)).items():
       expected[f'{prefix}/{k}'] = tuple(v.shape)
-  problems = []
-  for k, shape in expected.items():
-    if k not in saved:
-      problems.append(f'{k} missing from the checkpoint')
-    elif saved[k] != shape:
-      problems.append(f'{k}: checkpoint {saved[k]}, model {shape}')
-  extra = sorted(k for k in saved if k.split('/')[0] in ('trainable', 'frozen')
-                 and k not in expected)
-  problems += [f'{k} in the checkpoint but not in the model' for k in extra]
+  problems = ts.shape_problems(found, expected)
   if problems:
     raise ValueError(
         f'The checkpoint {model_dir}/checkpoints/{step} does not match the '
@@ -532,20 +522,7 @@ def export_trainable(cfg: TrainConfig, state: ts.TrainState) -> str:
 
 def config_from_gin() -> TrainConfig:
   """Builds the TrainConfig bound to the TRAINER macro, checking macros."""
-  missing = []
-  for name in REQUIRED_MACROS:
-    try:
-      value = gin.query_parameter(f'%{name}')
-    except ValueError:
-      missing.append(name)
-      continue
-    if value is gin.REQUIRED or (isinstance(value, gin.config.ConfigurableReference)
-                                 and 'REQUIRED' in str(value)):
-      missing.append(name)
-  if missing:
-    raise ValueError('Missing required gin macro(s): ' + '; '.join(
-        f'{name} (set it with {REQUIRED_MACROS[name]})' for name in missing) +
-                     '.')
+  gin_utils.require_macros(REQUIRED_MACROS)
   return gin_utils.macro_value(
       'TRAINER', 'Include a run gin file such as runs/finetune.gin.')
 
@@ -558,12 +535,8 @@ def main(argv=None) -> int:
                       help=argparse.SUPPRESS)
   partitioning.add_distributed_flags(parser)
   args = gin_utils.parse_args(parser, argv)
-  partitioning.hide_accelerators_from_tensorflow()
   try:
-    partitioning.initialize_distributed(args)
-    gin_utils.setup_from_args(args)
-    from mov_jax import tasks  # pylint: disable=g-import-not-at-top
-    tasks.setup_from_gin()
+    gin_utils.setup_binary(args)
     cfg = config_from_gin()
     summary = train(cfg, stop_after=args.stop_after)
   except (ValueError, FileNotFoundError) as e:

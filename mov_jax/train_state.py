@@ -96,12 +96,25 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
       metadata=ocp.args.JsonSave(metadata)), force=force)
 
 
-def saved_shapes(manager: ocp.CheckpointManager, step: int) -> Dict[str, Any]:
-  """'/'-joined state paths -> shapes, read from checkpoint metadata only."""
-  state_dir = epath.Path(manager.directory) / str(step) / 'state'
+def saved_shapes(step_dir: str) -> Dict[str, Any]:
+  """'/'-joined state paths -> shapes of a checkpoint step directory, read
+  from its metadata only (no array is loaded)."""
+  state_dir = epath.Path(step_dir) / 'state'
   tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
   flat = flax.traverse_util.flatten_dict(_as_dict(tree), sep='/')
   return {k: tuple(v.shape) for k, v in flat.items() if _is_array_leaf(v)}
+
+
+def shape_problems(found: Dict[str, Any], expected: Dict[str, Any]) -> list:
+  """Missing, mis-shaped and unexpected entries of `found` vs `expected`."""
+  problems = [f'{k} missing from the checkpoint' for k in expected
+              if k not in found]
+  problems += [f'{k}: checkpoint {found[k]}, model {shape}'
+               for k, shape in expected.items()
+               if k in found and found[k] != shape]
+  problems += [f'{k} in the checkpoint but not in the model'
+               for k in sorted(set(found) - set(expected))]
+  return problems
 
 
 def _is_array_leaf(x) -> bool:
