@@ -1,0 +1,479 @@
+"""Helpers shared by the benchmarks in bench/ (not a benchmark itself).
+
+* the machine: `machine_info` (CPU model, cores, load average, JAX version,
+  backend, device);
+* the real training step: `train_config` (the gin files of a size and a
+  method, as `python -m mov_jax.train` reads them), `Training` (parameters,
+  the trainable / frozen split and optimizer state placed on a mesh, and the
+  jitted, donated `train.make_train_step`, as `train.train` builds them),
+  `synthetic_batch`;
+* measurement: `Matmul` (the matmul peak, timed in the same process),
+  `time_calls`, `stats`, XLA's flop and memory counts, peak memory
+  (`reset_peak_memory`, `peak_memory`);
+* `Worker` / `serve`: a benchmark configuration in its own Python process
+  (its own peak memory, its own JAX flags), driven by JSON lines, so that
+  several configurations can take turns step by step and share the
+  machine's load;
+* `add_shape_flags`, `report`: the flags and the output the scripts share.
+"""
+
+import ctypes
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+# Quiet TensorFlow (imported by mov_jax.train for its input pipeline); JAX is
+# configured by the environment as usual.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+METHODS = ('full', 'ia3', 'lora', 'mov-10', 'mov-30', 'molora-10')
+SIZES = ('tiny', 'small')
+MODEL_DIR = "'/tmp/mov_jax_bench_unused'"  # required by the gin, never written
+
+
+# --------------------------------------------------------------- the machine
+
+
+def cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def machine_info() -> Dict[str, Any]:
+  """Where a benchmark ran; call it after JAX picked its backend."""
+  import jax  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0]
+  return {'cpu_model': cpu_model(), 'cpu_cores': os.cpu_count(),
+          'jax_version': jax.__version__, 'backend': jax.default_backend(),
+          'device_kind': device.device_kind,
+          'device_count': jax.device_count(),
+          'load_average': list(os.getloadavg())}
+
+
+# -------------------------------------------------------- the training step
+
+
+def method_gin(method: str) -> Tuple[str, List[str]]:
+  """'mov-30' -> ('methods/mov.gin', ['NUM_EXPERTS = 30'])."""
+  name, _, experts = method.partition('-')
+  if name not in ('full', 'ia3', 'lora', 'mov', 'molora'):
+    raise ValueError(f'Unknown method {method!r}: use full, ia3, lora, '
+                     'mov-E or molora-E (E experts).')
+  bindings = [f'NUM_EXPERTS = {int(experts)}'] if experts else []
+  if bool(experts) != (name in ('mov', 'molora')):
+    raise ValueError(f'{method!r}: give mov and molora an expert count '
+                     '(mov-10) and the other methods none.')
+  return f'methods/{name}.gin', bindings
+
+
+def train_config(size: str, method: str, *, batch_size: int,
+                 input_length: int, target_length: int, dtype: str,
+                 dropout: float, extra_bindings: Sequence[str] = ()):
+  """The `train.TrainConfig` of `models/t5_1_1_<size>.gin` + a method gin +
+  `runs/finetune.gin`, with the benchmark's shapes and dtype."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from mov_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  from mov_jax import train  # pylint: disable=g-import-not-at-top
+  method_file, method_bindings = method_gin(method)
+  model_file = size if size.endswith('.gin') else f'models/t5_1_1_{size}.gin'
+  bindings = [f"ACTIVATION_DTYPE = '{dtype}'", f'DROPOUT_RATE = {dropout}',
+              f'MODEL_DIR = {MODEL_DIR}', f'BATCH_SIZE = {batch_size}',
+              "TASK_FEATURE_LENGTHS = {'inputs': %d, 'targets': %d}" % (
+                  input_length, target_length)]
+  gin.clear_config()
+  gin_utils.parse_gin([model_file, method_file, 'runs/finetune.gin'],
+                      bindings + method_bindings + list(extra_bindings))
+  return train.config_from_gin()
+
+
+def count_params(tree) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+
+class Training:
+  """Everything one benchmarked training configuration needs.
+
+  Built as `train.train` builds a fresh run: parameters initialised straight
+  into their shardings, `optim.split_trainable`, `tx.init` of the trainable
+  part, and `jax.jit(train.make_train_step(...), donate_argnums=(0,))` with
+  the state's and the batch's shardings, under the mesh and logical rules.
+  """
+
+  def __init__(self, cfg, mesh=None, seed: int = 0):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from mov_jax import optim  # pylint: disable=g-import-not-at-top
+    from mov_jax import partitioning  # pylint: disable=g-import-not-at-top
+    from mov_jax import train  # pylint: disable=g-import-not-at-top
+    from mov_jax import train_state as ts  # pylint: disable=g-import-not-at-top
+    self.cfg = cfg
+    self.mesh = cfg.mesh.make_mesh() if mesh is None else mesh
+    self.rules = cfg.mesh.rules
+    partitioning.check_batch_size(cfg.batch_size, self.mesh)
+    tx = cfg.optimizer.make()
+    network = cfg.network
+    with self.context():
+      def init_variables(rng):
+        return network.init(rng, **{
+            k: jnp.zeros(v.shape, v.dtype)
+            for k, v in train._dummy_batch(cfg).items()},  # pylint: disable=protected-access
+                            enable_dropout=False)
+
+      init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
+      abstract = jax.eval_shape(init_variables, init_rng)
+      param_shardings = partitioning.shardings_for(
+          partitioning.logical_specs(abstract['params_axes']), self.mesh,
+          self.rules)
+      trainable_shard, frozen_shard = optim.split_trainable(
+          param_shardings, cfg.trainable_regex)
+      abstract_state = jax.eval_shape(train.fresh_state_abstract(
+          init_variables, init_rng, tx, cfg.trainable_regex, dropout_rng))
+      self.state_shardings = train._state_shardings(  # pylint: disable=protected-access
+          abstract_state, trainable_shard, frozen_shard, self.mesh)
+      params = jax.jit(lambda r: init_variables(r)['params'],
+                       out_shardings=param_shardings)(init_rng)
+      trainable, frozen = optim.split_trainable(params, cfg.trainable_regex)
+      opt_state = jax.jit(tx.init,
+                          out_shardings=self.state_shardings.opt_state)(
+                              trainable)
+      replicated = partitioning.replicated(self.mesh)
+      self.state = ts.TrainState(
+          step=jax.device_put(jnp.asarray(0, jnp.int32), replicated),
+          trainable=trainable, frozen=frozen, opt_state=opt_state,
+          rng=jax.device_put(dropout_rng, replicated))
+      self.step_fn = jax.jit(
+          train.make_train_step(cfg, tx, cfg.optimizer.learning_rate_fn()),
+          in_shardings=(self.state_shardings,
+                        partitioning.batch_sharding(self.mesh)),
+          out_shardings=(self.state_shardings, replicated),
+          donate_argnums=(0,))
+    self.trainable_params = count_params(trainable)
+    self.total_params = self.trainable_params + count_params(frozen)
+    self.compiled = None
+
+  def context(self):
+    """The mesh and logical axis rules the network is traced under."""
+    import contextlib  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    from flax import linen as nn  # pylint: disable=g-import-not-at-top
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
+  def place(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+    from mov_jax import partitioning  # pylint: disable=g-import-not-at-top
+    return partitioning.host_local_to_global(batch, self.mesh)
+
+  def compile(self, batch) -> Dict[str, Optional[float]]:
+    """AOT-compiles the step for `batch`: seconds, XLA's flops and memory."""
+    start = time.perf_counter()
+    with self.context():
+      self.compiled = self.step_fn.lower(self.state, batch).compile()
+    return {'compile_s': time.perf_counter() - start,
+            'xla_flops_per_step': xla_flops(self.compiled),
+            **xla_memory_mb(self.compiled)}
+
+  def step(self, batch) -> Dict[str, Any]:
+    """One training step, waited for; returns its metrics."""
+    import jax  # pylint: disable=g-import-not-at-top
+    fn = self.compiled if self.compiled is not None else self.step_fn
+    self.state, metrics = fn(self.state, batch)
+    jax.block_until_ready((self.state, metrics))
+    return metrics
+
+
+def xla_flops(compiled) -> Optional[float]:
+  """The flops XLA's cost analysis counts for a compiled computation."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  flops = (cost or {}).get('flops')
+  return float(flops) if flops is not None and flops > 0 else None
+
+
+def xla_memory_mb(compiled) -> Dict[str, float]:
+  """XLA's buffer sizes for a compiled computation (per device), in MiB."""
+  try:
+    analysis = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  if analysis is None:
+    return {}
+  total = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes +
+           analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+  return {'xla_temp_mb': analysis.temp_size_in_bytes / 2 ** 20,
+          'xla_argument_mb': analysis.argument_size_in_bytes / 2 ** 20,
+          'xla_total_mb': total / 2 ** 20}
+
+
+def synthetic_batch(batch_size: int, input_length: int, target_length: int,
+                    vocab_size: int, seed: int = 0):
+  """Random tokens (no padding) shaped like an unpacked training batch."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mov_jax import models  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  inputs = rng.integers(2, vocab_size, (batch_size, input_length))
+  targets = rng.integers(2, vocab_size, (batch_size, target_length))
+  return {'encoder_input_tokens': inputs.astype(np.int32),
+          'decoder_target_tokens': targets.astype(np.int32),
+          'decoder_input_tokens': np.asarray(models.shift_right(targets),
+                                             np.int32),
+          'decoder_loss_weights': np.ones_like(targets, np.int32)}
+
+
+# ------------------------------------------------------------- measurement
+
+
+def stats(times: Sequence[float]) -> Dict[str, float]:
+  return {'median': statistics.median(times), 'min': min(times),
+          'max': max(times), 'count': len(times)}
+
+
+def time_calls(fn: Callable[[], Any], repeats: int) -> List[float]:
+  """Wall seconds of `repeats` calls of `fn` (which waits for its result)."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+class Matmul:
+  """An n x n matmul of random values, jitted: the peak FLOP/s to compare to.
+
+  On CPU, 2048 x 2048 float32 (the issue's reference); on accelerators a
+  larger square in the benchmark's dtype.
+  """
+
+  def __init__(self, dtype: str = 'float32', n: int = 0):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    self.n = n or (2048 if jax.default_backend() == 'cpu' else 8192)
+    self.dtype = dtype
+    kx, ky = jax.random.split(jax.random.PRNGKey(0))
+    self.x = jax.random.normal(kx, (self.n, self.n), dtype)
+    self.y = jax.random.normal(ky, (self.n, self.n), dtype)
+    self.fn = jax.jit(jnp.matmul)
+    self.flops = 2.0 * self.n ** 3
+    for _ in range(2):  # compile, warm up
+      self.run()
+
+  def run(self):
+    self.fn(self.x, self.y).block_until_ready()
+
+  def seconds(self, repeats: int) -> List[float]:
+    return time_calls(self.run, repeats)
+
+
+def trim_malloc() -> None:
+  """Gives freed heap (e.g. compiler scratch) back to the OS (glibc)."""
+  try:
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
+def _vm_hwm_mb() -> Optional[float]:
+  try:
+    with open('/proc/self/status', encoding='utf-8') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) / 1024.0
+  except OSError:
+    pass
+  return None
+
+
+def rss_mb() -> float:
+  with open('/proc/self/statm', encoding='utf-8') as f:
+    return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+
+
+def reset_peak_memory() -> bool:
+  """Starts a new host-RSS peak here (Linux: /proc/self/clear_refs 5), after
+  handing freed heap back, so that compilation's peak does not count."""
+  trim_malloc()
+  try:
+    with open('/proc/self/clear_refs', 'w', encoding='utf-8') as f:
+      f.write('5')
+    return True
+  except OSError:
+    return False
+
+
+def peak_memory(reset_worked: bool) -> Dict[str, Any]:
+  """Peak memory of this process: device statistics on accelerators, else
+  host RSS (since `reset_peak_memory` where that worked, else ever)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+  out = {'peak_rss_lifetime_mb': lifetime}
+  device_stats = None
+  if jax.default_backend() != 'cpu':
+    try:
+      device_stats = jax.devices()[0].memory_stats()
+    except Exception:  # pylint: disable=broad-except
+      device_stats = None
+  if device_stats and 'peak_bytes_in_use' in device_stats:
+    out['peak_memory_mb'] = device_stats['peak_bytes_in_use'] / 2 ** 20
+    out['peak_memory_kind'] = 'device peak_bytes_in_use'
+  elif reset_worked and _vm_hwm_mb() is not None:
+    out['peak_memory_mb'] = _vm_hwm_mb()
+    out['peak_memory_kind'] = 'host RSS peak during the timed steps'
+  else:
+    out['peak_memory_mb'] = lifetime
+    out['peak_memory_kind'] = 'host ru_maxrss (includes compilation)'
+  return out
+
+
+# ----------------------------------------------------- one process per config
+
+
+class Worker:
+  """A child Python process answering JSON requests, one per line.
+
+  The child runs `script --worker ARGS...` and calls `serve(handler)`;
+  `request` sends one object and returns the handler's answer. Anything the
+  child prints itself (or libraries print) is ignored; its stderr is kept in
+  a file and shown if it fails.
+  """
+
+  PREFIX = '@@bench@@'
+
+  def __init__(self, script: str, args: Sequence[str],
+               env: Optional[Dict[str, str]] = None, label: str = ''):
+    self.label = label or ' '.join(args)
+    self._stderr = tempfile.TemporaryFile(mode='w+')
+    self._proc = subprocess.Popen(
+        [sys.executable, script, '--worker', *args], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+        env={**os.environ, **(env or {})})
+
+  def request(self, message: Dict[str, Any]) -> Dict[str, Any]:
+    self._proc.stdin.write(json.dumps(message) + '\n')
+    self._proc.stdin.flush()
+    return self.read()
+
+  def read(self) -> Dict[str, Any]:
+    for line in self._proc.stdout:
+      if line.startswith(self.PREFIX):
+        answer = json.loads(line[len(self.PREFIX):])
+        if 'error' in answer:
+          raise RuntimeError(f'{self.label}: {answer["error"]}')
+        return answer
+    self._proc.wait()
+    self._stderr.seek(0)
+    tail = self._stderr.read()[-3000:]
+    raise RuntimeError(f'{self.label} exited with status '
+                       f'{self._proc.returncode}:\n{tail}')
+
+  def close(self) -> None:
+    if self._proc.poll() is None:
+      self._proc.stdin.close()
+      try:
+        self._proc.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        self._proc.kill()
+    self._stderr.close()
+
+
+def serve(handler: Callable[[Dict[str, Any]], Dict[str, Any]],
+          ready: Dict[str, Any]) -> None:
+  """The child side of `Worker`: announces `ready`, then answers requests
+  until stdin closes. An exception is sent back as {'error': ...}."""
+  out = sys.stdout
+
+  def send(obj):
+    out.write(Worker.PREFIX + json.dumps(obj) + '\n')
+    out.flush()
+
+  send(ready)
+  for line in sys.stdin:
+    if not line.strip():
+      continue
+    try:
+      send(handler(json.loads(line)))
+    except Exception as e:  # pylint: disable=broad-except
+      import traceback  # pylint: disable=g-import-not-at-top
+      send({'error': f'{type(e).__name__}: {e}\n{traceback.format_exc()}'})
+
+
+def start_worker(script: str, args: Sequence[str],
+                 env: Optional[Dict[str, str]] = None,
+                 label: str = '') -> Tuple[Worker, Dict[str, Any]]:
+  """Starts a `Worker` and waits for its ready message."""
+  worker = Worker(script, args, env, label)
+  try:
+    return worker, worker.read()
+  except Exception:
+    worker.close()
+    raise
+
+
+# ------------------------------------------------------------------- flags
+
+
+def add_shape_flags(parser) -> None:
+  """The flags every training benchmark shares: shapes, dtype, output."""
+  parser.add_argument('--batch_size', type=int, default=8)
+  parser.add_argument('--input_length', type=int, default=256)
+  parser.add_argument('--target_length', type=int, default=64)
+  parser.add_argument('--dtype', default='float32',
+                      choices=('float32', 'bfloat16'),
+                      help='Activation dtype (parameters stay float32); '
+                      'bfloat16 on GPU/TPU.')
+  parser.add_argument('--dropout', type=float, default=0.0,
+                      help='DROPOUT_RATE, the same for every configuration.')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--out', default='', help='Write the records here '
+                      '(JSON).')
+
+
+# ------------------------------------------------------------------ output
+
+
+def write_json(path: str, records: List[Dict[str, Any]]) -> None:
+  if path:
+    with open(path, 'w', encoding='utf-8') as f:
+      json.dump(records, f, indent=2)
+      f.write('\n')
+    print(f'wrote {len(records)} records to {path}')
+
+
+def report(records: List[Dict[str, Any]],
+           columns: Sequence[Tuple[str, str, str]], footer: str,
+           out: str) -> None:
+  """Prints the records' table and a footer line; writes them to `out`."""
+  print_table(records, columns)
+  print(footer)
+  write_json(out, records)
+
+
+def print_table(records: Sequence[Dict[str, Any]],
+                columns: Sequence[Tuple[str, str, str]]) -> None:
+  """Prints `records` as a table of (header, key, format) columns."""
+  rows = [[h for h, _, _ in columns]]
+  for r in records:
+    rows.append([format(r[k], fmt) if r.get(k) is not None else '-'
+                 for _, k, fmt in columns])
+  widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+  for row in rows:
+    print('  '.join(cell.rjust(w) for cell, w in zip(row, widths)))

@@ -1,0 +1,438 @@
+"""Benchmark: the real training step of each method, its speed and memory.
+
+    python bench/train_step.py [--sizes=tiny,small] \
+        [--methods=full,ia3,lora,mov-10,mov-30,molora-10] [--batch_size=8] \
+        [--input_length=256] [--target_length=64] [--steps=10] \
+        [--dtype=float32] [--out=train_step.json]
+
+Each (size, method) runs in its own Python process (so peak memory is its
+own): `models/t5_1_1_<size>.gin` + the method gin + `runs/finetune.gin`
+(Adafactor, z-loss, AVERAGE_PER_SEQUENCE), state built as `train.train`
+builds a fresh run, and `jax.jit(train.make_train_step(...),
+donate_argnums=(0,))`, compiled ahead of time on random tokens without
+padding. On CPU the processes of one size stay alive and take turns, one step
+each, so that a busy machine slows every method alike; between steps each
+also times a square matmul, the peak to compare to (2048 x 2048 float32 on
+CPU, 8192 x 8192 in the benchmark's dtype on accelerators). On accelerators
+(or with --no-interleave) the configurations run one after another.
+
+Per configuration: compile time; median and min step time over --steps steps
+after --warmup; tokens/s (batch x (input + target length) / median step);
+model FLOPs of a step; FLOP/s as a fraction of the matmul peak
+(`peak_fraction`: the fastest step against the fastest matmul of the run,
+`matmul_peak_flops`, the two samples least disturbed by other processes;
+`peak_fraction_median`: medians against medians, which a busy machine skews
+because it delays a short matmul more than a long step); peak memory
+(`peak_memory_mb`: host RSS during the timed steps on CPU, after the
+compiler's scratch memory is handed back, so it includes the process's
+libraries, see `rss_at_start_mb`; the device's `peak_bytes_in_use` on GPU)
+and XLA's own buffer sizes for the step (`xla_total_mb`: temporaries,
+`xla_temp_mb`, plus the state and batch; exact and independent of load); trainable parameters; first and last loss. Records
+also hold the load average, the machine and XLA's own flop count
+(`xla_flops_per_step`).
+
+Model FLOPs (`flops_per_step`) are counted from the T5 shapes, 2*m*n*k per
+matmul of an m x k by a k x n matrix, b = batch, Li / Lt = input / target
+length, Te = b*Li and Td = b*Lt tokens, d = emb_dim, H heads of size kv,
+I = H*kv, f = mlp_dim, V = vocab:
+  encoder layer: q, k, v, o 4 * 2*Te*d*I; FFN (n branches + wo)
+    (n+1) * 2*Te*d*f; attention scores and values 2 * 2*b*H*Li*Li*kv;
+    relative position bias (a one-hot contraction) 2*H*Li*Li*buckets;
+  decoder layer: self-attention as above on Td / Lt; cross-attention q, o
+    2 * 2*Td*d*I, k, v 2 * 2*Te*d*I, scores and values 2 * 2*b*H*Lt*Li*kv;
+    FFN on Td;
+  logits 2*Td*d*V; the embedding is a lookup (0);
+  adapters (E experts): MoV router 2*T*F*E (F = the features it routes on:
+    I per head, or f) and merge 2*T*E*F; IA3's scaling is elementwise (0);
+    (Mo)LoRA of rank r on a d_in -> d_out projection 2*T*d_in*E*r +
+    2*T*E*r*d_out, plus a router 2*T*d_in*E.
+The step is forward + backward: every matmul of an activation by a weight
+costs its forward FLOPs again for the activation gradient, and once more
+for the weight gradient only if that weight trains (all weights in full
+fine-tuning; adapter and router weights otherwise); a matmul of two
+activations (attention scores and values) costs twice its forward FLOPs in
+the backward pass; the relative-position contraction (a constant one-hot
+operand) only its weight gradient. So full fine-tuning is ~3x forward and the
+adapter methods ~2x. Elementwise work (norms, softmax, GELU, the optimizer)
+is not counted. XLA's count (`xla_flops_per_step`) also includes that, and
+whatever else the compiled step does.
+
+Not a test: speed depends on the machine and its load. --out FILE.json
+writes a list of records: `kind: "train_step"` per configuration, and
+`kind: "target"` for the issue's ratio goals (measured in this run).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+SCRIPT = os.path.abspath(__file__)
+
+
+# ------------------------------------------------------------------- FLOPs
+
+
+def train_step_flops(config, adapters, batch_size: int, input_length: int,
+                     target_length: int, base_trainable: bool,
+                     adapters_trainable: bool = True) -> Dict[str, float]:
+  """Model FLOPs of one training step (see the module docstring)."""
+  from mov_jax.adapters import lora  # pylint: disable=g-import-not-at-top
+  from mov_jax.adapters import vectors  # pylint: disable=g-import-not-at-top
+  c = config
+  d, heads, kv, f = c.emb_dim, c.num_heads, c.head_dim, c.mlp_dim
+  inner = heads * kv
+  b, li, lt = batch_size, input_length, target_length
+  te, td = b * li, b * lt
+  weight = []  # (forward flops, weight trains) of activation x weight
+  pairs = []  # forward flops of activation x activation
+  const = []  # (forward flops, weight trains) of constant x weight
+
+  def dense(tokens, n_in, n_out, trains=base_trainable):
+    weight.append((2.0 * tokens * n_in * n_out, trains))
+
+  def adapter(site, block, tokens, n_in, n_out):
+    template = adapters.template(site) if adapters is not None else None
+    if template is None or (block and block not in adapters.attention_blocks):
+      return
+    if isinstance(template, vectors.MixtureOfVectors):
+      if template.router is not None:
+        e = template.num_experts
+        routed = n_out if template.router_input == vectors.ADAPTED else n_in
+        dense(tokens, routed, e, adapters_trainable)  # router
+        dense(tokens, e, n_out, adapters_trainable)  # merge of the vectors
+    elif isinstance(template, lora.MixtureOfLoRA):
+      e, r = template.num_experts, template.rank
+      dense(tokens, n_in, e * r, adapters_trainable)
+      dense(tokens, e * r, n_out, adapters_trainable)
+      if template.router is not None:
+        dense(tokens, n_in, e, adapters_trainable)
+    else:
+      raise ValueError(f'No FLOP formula for adapter {type(template)}.')
+
+  def attention(block, q_tokens, kv_tokens, q_len, kv_len):
+    for site, tokens in (('query', q_tokens), ('key', kv_tokens),
+                         ('value', kv_tokens)):
+      dense(tokens, d, inner)
+      adapter(site, block, tokens, d, inner)
+    pairs.extend([2.0 * b * heads * q_len * kv_len * kv] * 2)
+    dense(q_tokens, inner, d)
+    adapter('out', block, q_tokens, inner, d)
+
+  def relpos(length):
+    const.append((2.0 * heads * length * length *
+                  c.relative_attention_num_buckets, base_trainable))
+
+  def mlp(tokens):
+    n = len(c.mlp_activations)
+    for i in range(n):
+      name = 'wi' if n == 1 else f'wi_{i}'
+      dense(tokens, d, f)
+      adapter(name, None, tokens, d, f)
+      if i == 0:
+        adapter('mlp_hidden', None, tokens, f, f)
+    dense(tokens, f, d)
+    adapter('wo', None, tokens, f, d)
+
+  for _ in range(c.num_encoder_layers):
+    relpos(li)
+    attention('encoder_self', te, te, li, li)
+    mlp(te)
+  for _ in range(c.num_decoder_layers):
+    relpos(lt)
+    attention('decoder_self', td, td, lt, lt)
+    attention('decoder_cross', td, te, lt, li)
+    mlp(td)
+  dense(td, d, c.vocab_size)  # logits (tied or not: the same FLOPs)
+
+  forward = (sum(x for x, _ in weight) + sum(pairs) +
+             sum(x for x, _ in const))
+  backward = (sum(x for x, _ in weight) + sum(x for x, t in weight if t) +
+              2 * sum(pairs) + sum(x for x, t in const if t))
+  return {'forward': forward, 'backward': backward,
+          'total': forward + backward}
+
+
+# ------------------------------------------------------------------ worker
+
+
+class StepWorker:
+  """The child process of one configuration."""
+
+  def __init__(self, args):
+    from flax import traverse_util  # pylint: disable=g-import-not-at-top
+    rss_at_start = common.rss_mb()
+    cfg = common.train_config(
+        args.size, args.method, batch_size=args.batch_size,
+        input_length=args.input_length, target_length=args.target_length,
+        dtype=args.dtype, dropout=args.dropout)
+    self.training = common.Training(cfg, seed=args.seed)
+    net_cfg = cfg.network.config
+    self.batch = self.training.place(common.synthetic_batch(
+        args.batch_size, args.input_length, args.target_length,
+        net_cfg.vocab_size, args.seed))
+    compiled = self.training.compile(self.batch)
+    base_trainable = any('_adapter/' not in path for path in
+                         traverse_util.flatten_dict(
+                             self.training.state.trainable, sep='/'))
+    flops = train_step_flops(net_cfg, cfg.network.adapters, args.batch_size,
+                             args.input_length, args.target_length,
+                             base_trainable)
+    self.losses = []
+    for _ in range(args.warmup):
+      self._step()
+    self.matmul = common.Matmul(args.dtype, args.matmul_size)
+    self.reset_worked = common.reset_peak_memory()
+    self.ready = {
+        **compiled, 'flops_per_step': flops['total'],
+        'flops_forward': flops['forward'], 'rss_at_start_mb': rss_at_start,
+        'trainable_params': self.training.trainable_params,
+        'total_params': self.training.total_params,
+        'matmul_size': self.matmul.n, 'machine': common.machine_info(),
+        'rss_before_steps_mb': common.rss_mb()}
+
+  def _step(self) -> float:
+    start = time.perf_counter()
+    metrics = self.training.step(self.batch)
+    seconds = time.perf_counter() - start
+    self.losses.append(float(metrics['loss']))
+    return seconds
+
+  def handle(self, message: Dict[str, Any]) -> Dict[str, Any]:
+    if message['cmd'] == 'steps':
+      answer = {'step_s': [self._step() for _ in range(message['steps'])],
+                'matmul_s': self.matmul.seconds(message['matmuls'])}
+      common.trim_malloc()  # idle between turns: hold only the state
+      return answer
+    if message['cmd'] == 'finish':
+      return {**common.peak_memory(self.reset_worked),
+              'losses': self.losses}
+    raise ValueError(f'unknown command {message}')
+
+
+def worker_main(args) -> int:
+  worker = StepWorker(args)
+  common.serve(worker.handle, worker.ready)
+  return 0
+
+
+# ------------------------------------------------------------------ parent
+
+
+def worker_args(args, size: str, method: str) -> List[str]:
+  return [f'--size={size}', f'--method={method}',
+          f'--batch_size={args.batch_size}',
+          f'--input_length={args.input_length}',
+          f'--target_length={args.target_length}', f'--dtype={args.dtype}',
+          f'--dropout={args.dropout}', f'--warmup={args.warmup}',
+          f'--seed={args.seed}', f'--matmul_size={args.matmul_size}']
+
+
+def run_turns(running: Dict[str, Any], steps: int, matmuls: int,
+              times: Dict[str, Dict[str, list]]) -> None:
+  """Each worker in turn runs one step (and times `matmuls` matmuls)."""
+  for i in range(steps):
+    for method, worker in running.items():
+      answer = worker.request({'cmd': 'steps', 'steps': 1,
+                               'matmuls': matmuls})
+      times[method]['step_s'] += answer['step_s']
+      times[method]['matmul_s'] += answer['matmul_s']
+    print(f'  step {i + 1}/{steps}: ' + '  '.join(
+        f'{m} {times[m]["step_s"][-1]:.3f}s' for m in running), flush=True)
+
+
+def measure_size(args, size: str) -> List[Dict[str, Any]]:
+  """Records of every method of one size."""
+  ready, finish, times = {}, {}, {}
+  interleave = args.interleave
+  running = {}
+
+  def start(method):
+    print(f'[{size} {method}] compiling ...', flush=True)
+    worker, ready[method] = common.start_worker(
+        SCRIPT, worker_args(args, size, method), label=f'{size} {method}')
+    times[method] = {'step_s': [], 'matmul_s': []}
+    print(f'[{size} {method}] compiled in {ready[method]["compile_s"]:.1f}s'
+          f' on {ready[method]["machine"]["device_kind"]}', flush=True)
+    return worker
+
+  def stop(method, worker):
+    finish[method] = worker.request({'cmd': 'finish'})
+    worker.close()
+
+  try:
+    for method in args.methods:
+      worker = start(method)
+      if interleave == 'auto':
+        interleave = ('yes' if ready[method]['machine']['backend'] == 'cpu'
+                      else 'no')
+      if interleave == 'yes':
+        running[method] = worker
+      else:
+        run_turns({method: worker}, args.steps, args.matmuls, times)
+        stop(method, worker)
+    if running:
+      run_turns(running, args.steps, args.matmuls, times)
+      for method, worker in list(running.items()):
+        stop(method, worker)
+        del running[method]
+  finally:
+    for worker in running.values():
+      worker.close()
+
+  matmul_all = [t for m in args.methods for t in times[m]['matmul_s']]
+  records = []
+  for method in args.methods:
+    r, f, t = ready[method], finish[method], times[method]
+    step, mm = common.stats(t['step_s']), common.stats(
+        matmul_all if interleave == 'yes' else t['matmul_s'])
+    flops = r['flops_per_step']
+    matmul_flops = 2.0 * r['matmul_size'] ** 3
+    peak, peak_best = matmul_flops / mm['median'], matmul_flops / mm['min']
+    records.append({
+        'kind': 'train_step', 'size': size, 'method': method,
+        'dtype': args.dtype, 'batch_size': args.batch_size,
+        'input_length': args.input_length,
+        'target_length': args.target_length, 'dropout': args.dropout,
+        'steps': step['count'], 'warmup': args.warmup,
+        'interleaved': interleave == 'yes',
+        'compile_s': r['compile_s'],
+        'step_time_median_s': step['median'], 'step_time_min_s': step['min'],
+        'step_time_max_s': step['max'],
+        'tokens_per_s': args.batch_size * (
+            args.input_length + args.target_length) / step['median'],
+        'flops_per_step': flops, 'flops_forward': r['flops_forward'],
+        'xla_flops_per_step': r['xla_flops_per_step'],
+        'flops_per_s': flops / step['median'],
+        'matmul_size': r['matmul_size'], 'matmul_peak_flops': peak_best,
+        'matmul_median_flops': peak,
+        'peak_fraction': flops / step['min'] / peak_best,
+        'peak_fraction_median': flops / step['median'] / peak,
+        'peak_memory_mb': f['peak_memory_mb'],
+        'peak_memory_kind': f['peak_memory_kind'],
+        'peak_rss_lifetime_mb': f['peak_rss_lifetime_mb'],
+        'rss_at_start_mb': r['rss_at_start_mb'],
+        'rss_before_steps_mb': r['rss_before_steps_mb'],
+        'xla_temp_mb': r.get('xla_temp_mb'),
+        'xla_argument_mb': r.get('xla_argument_mb'),
+        'xla_total_mb': r.get('xla_total_mb'),
+        'trainable_params': r['trainable_params'],
+        'total_params': r['total_params'],
+        'trainable_percent': 100.0 * r['trainable_params'] / r[
+            'total_params'],
+        'loss_first': f['losses'][0], 'loss_last': f['losses'][-1],
+        'load_average_start': r['machine']['load_average'],
+        'load_average_end': list(os.getloadavg()),
+        **{k: v for k, v in r['machine'].items() if k != 'load_average'}})
+  return records
+
+
+# The issue's goals: (numerator, denominator, field, at most).
+RATIO_TARGETS = (
+    ('mov-10', 'ia3', 'step_time_median_s', 1.10),
+    ('molora-10', 'lora', 'step_time_median_s', 1.25),
+    ('mov-10', 'full', 'step_time_median_s', 0.75),
+    ('mov-10', 'full', 'peak_memory_mb', 1.0),
+    ('mov-10', 'full', 'xla_total_mb', 1.0),
+)
+PEAK_TARGET = ('small', 'mov-10', 0.75)  # peak_fraction at least
+
+
+def targets(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  """The issue's ratio goals, from records of the same run and size."""
+  out = []
+  by = {(r['size'], r['method']): r for r in records}
+  for size in dict.fromkeys(r['size'] for r in records):
+    for num, den, field, goal in RATIO_TARGETS:
+      if (size, num) in by and (size, den) in by:
+        ratio = by[size, num][field] / by[size, den][field]
+        strict = field.endswith('_mb')
+        out.append({'kind': 'target', 'size': size,
+                    'method': f'{num} / {den}', 'field': field,
+                    'value': ratio, 'goal': f'{"<" if strict else "<="} '
+                                            f'{goal:g}',
+                    'met': ratio < goal if strict else ratio <= goal})
+  size, method, goal = PEAK_TARGET
+  if (size, method) in by:
+    value = by[size, method]['peak_fraction']
+    out.append({'kind': 'target', 'size': size, 'method': method,
+                'field': 'peak_fraction', 'value': value,
+                'goal': f'>= {goal:g}', 'met': value >= goal})
+  return out
+
+
+COLUMNS = (('size', 'size', 's'), ('method', 'method', 's'),
+           ('compile s', 'compile_s', '.1f'),
+           ('median s', 'step_time_median_s', '.3f'),
+           ('min s', 'step_time_min_s', '.3f'),
+           ('tokens/s', 'tokens_per_s', '.0f'),
+           ('GFLOP/step', 'flops_per_step', '.4g'),
+           ('XLA GFLOP', 'xla_flops_per_step', '.4g'),
+           ('GFLOP/s', 'flops_per_s', '.4g'),
+           ('of peak', 'peak_fraction', '.2f'),
+           ('(medians)', 'peak_fraction_median', '.2f'),
+           ('peak MB', 'peak_memory_mb', '.0f'),
+           ('XLA MB', 'xla_total_mb', '.0f'),
+           ('trainable', 'trainable_params', ',d'))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument('--sizes', default=','.join(common.SIZES),
+                      help='Model gins models/t5_1_1_<size>.gin (or paths).')
+  parser.add_argument('--methods', default=','.join(common.METHODS),
+                      help='full, ia3, lora, mov-E, molora-E.')
+  common.add_shape_flags(parser)
+  parser.add_argument('--steps', type=int, default=10,
+                      help='Timed steps per configuration (>= 10).')
+  parser.add_argument('--warmup', type=int, default=1,
+                      help='Untimed steps after compiling.')
+  parser.add_argument('--matmuls', type=int, default=2,
+                      help='Timed peak matmuls after each step.')
+  parser.add_argument('--matmul_size', type=int, default=0,
+                      help='Side of the peak matmul (0: 2048 on CPU, 8192 '
+                      'on accelerators).')
+  parser.add_argument('--interleave', default='auto',
+                      choices=('auto', 'yes', 'no'),
+                      help='Keep one process per method alive and take '
+                      'turns step by step (auto: on CPU).')
+  parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--size', help=argparse.SUPPRESS)
+  parser.add_argument('--method', help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.worker:
+    return worker_main(args)
+  args.sizes = [s for s in args.sizes.split(',') if s]
+  args.methods = [m for m in args.methods.split(',') if m]
+  for method in args.methods:
+    common.method_gin(method)  # fail early on a bad name
+  if args.steps < 1:
+    parser.error('--steps must be positive.')
+
+  start = time.time()
+  records = []
+  for size in args.sizes:
+    records += measure_size(args, size)
+  goals = targets(records)
+  print(f'\n{records[0]["device_kind"]} ({records[0]["cpu_model"]}, '
+        f'{records[0]["cpu_cores"]} cores), jax {records[0]["jax_version"]}, '
+        f'{args.dtype}; load average {records[0]["load_average_start"][0]:.1f}'
+        f' -> {records[-1]["load_average_end"][0]:.1f}; '
+        f'{time.time() - start:.0f}s in all')
+  common.print_table(records, COLUMNS)
+  for g in goals:
+    print(f'{g["size"]:>6} {g["method"]:<20} {g["field"]:<20} '
+          f'{g["value"]:.3f} (goal {g["goal"]}): '
+          f'{"met" if g["met"] else "NOT met"}')
+  common.write_json(args.out, records + goals)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
