@@ -180,6 +180,41 @@ class DenseGeneral(nn.Module):
     return lax.dot_general(inputs, kernel, ((axis, contract), ((), ())))
 
 
+def _contract_last_first(x: Array, w: Array) -> Array:
+  return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+@jax.custom_vjp
+def weight_matmul(x: Array, w: Array) -> Array:
+  """`x [..., k] @ w [k, n]` for a parameter `w` with few rows (k < n).
+
+  The same product as `jnp.dot`; only the weight gradient `x^T dy` is
+  computed differently: the small `[tokens, k]` operand is transposed
+  explicitly, so that the product is a plain `[k, tokens] x [tokens, n]`
+  matmul. Left to itself, XLA's CPU backend transposes the whole
+  `[tokens, n]` activation gradient instead, which costs more than the
+  matmul when k is a handful of experts or a rank.
+  """
+  return _contract_last_first(x, w)
+
+
+def _weight_matmul_fwd(x, w):
+  return _contract_last_first(x, w), (x, w)
+
+
+def _weight_matmul_bwd(residuals, dy):
+  x, w = residuals
+  dx = lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
+  # Transpose the small operand ([tokens, k] -> [k, tokens]) explicitly; the
+  # barrier keeps XLA from folding that transpose into the dot.
+  x_t = lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+  dw = jnp.dot(x_t, dy.reshape(-1, dy.shape[-1]))
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+weight_matmul.defvjp(_weight_matmul_fwd, _weight_matmul_bwd)
+
+
 class Embed(nn.Module):
   """Token embedding table `(vocab, embed)`, also usable as tied logits."""
   num_embeddings: int

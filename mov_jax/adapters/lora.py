@@ -85,6 +85,10 @@ class MixtureOfLoRA(nn.Module):
       hidden = hidden * jnp.asarray(probs, dtype)[..., None]
     hidden = layers.with_sharding_constraint(
         hidden, ('batch', 'length', 'expert', 'rank'))
-    delta = jnp.einsum('bler,ero->blo', hidden, jnp.asarray(lora_b, dtype))
+    # 'bler,ero->blo' as one 2-D matmul whose weight gradient stays cheap.
+    rows = self.num_experts * self.rank
+    delta = layers.weight_matmul(
+        hidden.reshape(batch, length, rows),
+        jnp.asarray(lora_b, dtype).reshape(rows, d_out))
     delta = delta * jnp.asarray(self.alpha / self.rank, dtype)
     return outputs + delta.reshape(outputs.shape)

@@ -183,9 +183,14 @@ class Router(nn.Module):
     self.sow('intermediates', 'expert_probability', mean_probs)
     self.sow('intermediates', 'expert_top1_fraction', top1_fraction)
     self.sow('intermediates', 'entropy', entropy)
-    self.sow('aux_loss', 'router',
-             self.config.z_loss_weight * z_loss +
-             self.config.load_balance_weight * load_balance)
+    # Only losses with a weight enter the graph: a zero-weighted term would
+    # still be differentiated (0 * its gradient) in every training step.
+    aux = jnp.zeros((), jnp.float32)
+    if self.config.z_loss_weight:
+      aux = aux + self.config.z_loss_weight * z_loss
+    if self.config.load_balance_weight:
+      aux = aux + self.config.load_balance_weight * load_balance
+    self.sow('aux_loss', 'router', aux)
 
 
 def total_aux_loss(aux_collection) -> Array:

@@ -77,18 +77,43 @@ class MixtureOfVectors(nn.Module):
     probs = router(
         router_in, input_axes=router_axes, deterministic=deterministic,
         mask=mask)
-    if per_head:
-      # probs: [b, l, heads, E] (routed per head) or [b, l, E] (layer input).
-      spec = 'blhe,hek->blhk' if probs.ndim == 4 else 'ble,hek->blhk'
-    else:
-      spec = 'ble,ef->blf'
     if router.probabilities_sum_to_one():
       # sum_e p_e l_e = 1 + sum_e p_e (l_e - 1) when the p_e sum to 1; this form
       # is exactly 1 at initialisation (l_e = 1), so the adapted model equals
       # the base model bit for bit, and it keeps precision near 1.
-      merged = 1.0 + jnp.einsum(spec, probs, scaling - 1.0)
+      merged = 1.0 + _mix(probs, scaling - 1.0, per_head)
     else:
       # Top-k without renormalisation (official option): the kept mass is < 1.
-      merged = jnp.einsum(spec, probs, scaling)
+      merged = _mix(probs, scaling, per_head)
     merged = layers.with_sharding_constraint(merged, output_axes)
     return outputs * jnp.asarray(merged, outputs.dtype)
+
+
+# Per-head mixing as one 2-D matmul against a block-diagonal matrix when it
+# has at most this many rows (heads * experts): on CPU this beats a matmul
+# batched over the heads, which XLA surrounds with transposes.
+_BLOCK_DIAGONAL_MAX_ROWS = 128
+
+
+def _mix(probs: Array, vectors: Array, per_head: bool) -> Array:
+  """sum_e probs[..., e] * vectors[e] for every token (and head).
+
+  probs: [b, l, E] or, per head, [b, l, heads, E]; vectors: [E, features]
+  or, per head, [heads, E, kv]. Returns [b, l, features] / [b, l, heads, kv].
+  """
+  if not per_head:
+    return layers.weight_matmul(probs, vectors)  # 'ble,ef->blf'
+  heads, experts, kv = vectors.shape
+  lead = probs.shape[:2]
+  if probs.ndim == 3:  # one distribution for all heads: 'ble,hek->blhk'
+    flat = vectors.transpose(1, 0, 2).reshape(experts, heads * kv)
+    return layers.weight_matmul(probs, flat).reshape(lead + (heads, kv))
+  if (jax.default_backend() == 'cpu' and
+      heads * experts <= _BLOCK_DIAGONAL_MAX_ROWS):
+    block = jnp.einsum('hek,hg->hegk', vectors,
+                       jnp.eye(heads, dtype=vectors.dtype))
+    block = block.reshape(heads * experts, heads * kv)
+    return layers.weight_matmul(
+        probs.reshape(lead + (heads * experts,)), block).reshape(
+            lead + (heads, kv))
+  return jnp.einsum('blhe,hek->blhk', probs, vectors)
