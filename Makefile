@@ -1,6 +1,7 @@
 # Two commands for a fresh machine with Python >= 3.10 and pip:
 #   make demo   - the main job on the embedded default
 #   make test   - the test suite
+#   make bench  - the benchmarks of bench/, JSON into $(BENCH_OUT)
 # Both create (or reuse) the virtualenv $(VENV) and install what they need.
 
 PYTHON ?= python3
@@ -10,11 +11,12 @@ VENV ?= .venv
 # build, e.g. PIP_TORCH_FLAGS='--index-url <cpu wheel index>'.
 PIP_TORCH_FLAGS ?=
 PYTEST_FLAGS ?= -n auto
+BENCH_OUT ?= bench/results/latest
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mov-jax-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +34,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest $(PYTEST_FLAGS) tests
+
+# On whatever backend JAX finds (CPU, GPU or TPU); not part of the tests.
+bench: $(STAMP)
+	mkdir -p $(BENCH_OUT)
+	$(BIN)/python bench/train_step.py --out=$(BENCH_OUT)/train_step.json
+	$(BIN)/python bench/packing.py --out=$(BENCH_OUT)/packing.json
+	$(BIN)/python bench/scaling.py --out=$(BENCH_OUT)/scaling.json
+	$(BIN)/python bench/scoring.py --out=$(BENCH_OUT)/scoring.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -42,21 +42,45 @@ MODEL_DIR = "'/tmp/mov_jax_bench_unused'"  # required by the gin, never written
 
 
 def cpu_model() -> str:
+  """'model name' of /proc/cpuinfo, with the CPU family and model numbers
+  (virtual machines often name only the brand)."""
+  fields = {}
   try:
     with open('/proc/cpuinfo', encoding='utf-8') as f:
       for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
+        key, _, value = line.partition(':')
+        if not line.strip():
+          break  # the first processor is enough
+        fields[key.strip()] = value.strip()
   except OSError:
     pass
-  return platform.processor() or platform.machine()
+  if 'model name' not in fields:
+    return platform.processor() or platform.machine()
+  return (f"{fields['model name']} (family {fields.get('cpu family', '?')}, "
+          f"model {fields.get('model', '?')})")
+
+
+def code_version() -> str:
+  """The git commit the benchmark ran (+ '-dirty' with local changes)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=root,
+                            capture_output=True, text=True, check=True,
+                            timeout=10).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--', 'mov_jax',
+                            'bench', 'gin'], cwd=root, capture_output=True,
+                           text=True, check=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return 'unknown'
+  return commit + ('-dirty' if dirty else '')
 
 
 def machine_info() -> Dict[str, Any]:
   """Where a benchmark ran; call it after JAX picked its backend."""
   import jax  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
-  return {'cpu_model': cpu_model(), 'cpu_cores': os.cpu_count(),
+  return {'code_version': code_version(),
+          'cpu_model': cpu_model(), 'cpu_cores': os.cpu_count(),
           'jax_version': jax.__version__, 'backend': jax.default_backend(),
           'device_kind': device.device_kind,
           'device_count': jax.device_count(),
@@ -130,7 +154,7 @@ class Training:
       def init_variables(rng):
         return network.init(rng, **{
             k: jnp.zeros(v.shape, v.dtype)
-            for k, v in train._dummy_batch(cfg).items()},  # pylint: disable=protected-access
+            for k, v in train.dummy_batch(cfg).items()},
                             enable_dropout=False)
 
       init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
@@ -142,7 +166,7 @@ class Training:
           param_shardings, cfg.trainable_regex)
       abstract_state = jax.eval_shape(train.fresh_state_abstract(
           init_variables, init_rng, tx, cfg.trainable_regex, dropout_rng))
-      self.state_shardings = train._state_shardings(  # pylint: disable=protected-access
+      self.state_shardings = train.state_shardings_for(
           abstract_state, trainable_shard, frozen_shard, self.mesh)
       params = jax.jit(lambda r: init_variables(r)['params'],
                        out_shardings=param_shardings)(init_rng)

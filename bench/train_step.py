@@ -52,8 +52,14 @@ for the weight gradient only if that weight trains (all weights in full
 fine-tuning; adapter and router weights otherwise); a matmul of two
 activations (attention scores and values) costs twice its forward FLOPs in
 the backward pass; the relative-position contraction (a constant one-hot
-operand) only its weight gradient. So full fine-tuning is ~3x forward and the
-adapter methods ~2x. Elementwise work (norms, softmax, GELU, the optimizer)
+operand) only its weight gradient. Gradients nothing needs are not counted
+(JAX does not compute them): when the base model is frozen, those of the
+first self-attention layers' inputs (the embeddings), and there the query's
+in the attention scores unless the query has an adapter. So full
+fine-tuning is ~3x forward and the adapter methods ~2x.
+tests/test_bench.py checks this count against the matmuls of the traced
+training step: equal for every method but MoV, whose per-head mix on CPU
+multiplies by a block-diagonal matrix (more executed FLOPs than the model's). Elementwise work (norms, softmax, GELU, the optimizer)
 is not counted. XLA's count (`xla_flops_per_step`) also includes that, and
 whatever else the compiled step does.
 
@@ -89,38 +95,53 @@ def train_step_flops(config, adapters, batch_size: int, input_length: int,
   inner = heads * kv
   b, li, lt = batch_size, input_length, target_length
   te, td = b * li, b * lt
-  weight = []  # (forward flops, weight trains) of activation x weight
-  pairs = []  # forward flops of activation x activation
+  weight = []  # (forward flops, weight trains, input gradient needed)
+  pairs = []  # (forward flops, operand gradients needed: 2 or 1)
   const = []  # (forward flops, weight trains) of constant x weight
 
-  def dense(tokens, n_in, n_out, trains=base_trainable):
-    weight.append((2.0 * tokens * n_in * n_out, trains))
+  def dense(tokens, n_in, n_out, trains=base_trainable, input_grad=True):
+    weight.append((2.0 * tokens * n_in * n_out, trains, input_grad))
 
-  def adapter(site, block, tokens, n_in, n_out):
+  def has_adapter(site, block):
     template = adapters.template(site) if adapters is not None else None
-    if template is None or (block and block not in adapters.attention_blocks):
+    return template is not None and not (
+        block and block not in adapters.attention_blocks)
+
+  def adapter(site, block, tokens, n_in, n_out, input_grad=True):
+    if not has_adapter(site, block):
       return
+    template = adapters.template(site)
     if isinstance(template, vectors.MixtureOfVectors):
       if template.router is not None:
         e = template.num_experts
         routed = n_out if template.router_input == vectors.ADAPTED else n_in
-        dense(tokens, routed, e, adapters_trainable)  # router
+        # The router's input is the adapted output (whose gradient is
+        # needed) or the site's input.
+        dense(tokens, routed, e, adapters_trainable,
+              input_grad or template.router_input == vectors.ADAPTED)
         dense(tokens, e, n_out, adapters_trainable)  # merge of the vectors
     elif isinstance(template, lora.MixtureOfLoRA):
       e, r = template.num_experts, template.rank
-      dense(tokens, n_in, e * r, adapters_trainable)
+      dense(tokens, n_in, e * r, adapters_trainable, input_grad)
       dense(tokens, e * r, n_out, adapters_trainable)
       if template.router is not None:
-        dense(tokens, n_in, e, adapters_trainable)
+        dense(tokens, n_in, e, adapters_trainable, input_grad)
     else:
       raise ValueError(f'No FLOP formula for adapter {type(template)}.')
 
-  def attention(block, q_tokens, kv_tokens, q_len, kv_len):
+  def attention(block, q_tokens, kv_tokens, q_len, kv_len, first=False):
+    # The first self-attention's inputs are the (frozen) embeddings: their
+    # gradient is needed only when the embedding trains.
+    input_grad = base_trainable or not first
     for site, tokens in (('query', q_tokens), ('key', kv_tokens),
                          ('value', kv_tokens)):
-      dense(tokens, d, inner)
-      adapter(site, block, tokens, d, inner)
-    pairs.extend([2.0 * b * heads * q_len * kv_len * kv] * 2)
+      dense(tokens, d, inner, input_grad=input_grad)
+      adapter(site, block, tokens, d, inner, input_grad)
+    # Scores q.k: q's gradient only if something below q trains.
+    query_grad = input_grad or has_adapter('query', block)
+    pairs.append((2.0 * b * heads * q_len * kv_len * kv, 2 if query_grad
+                  else 1))
+    pairs.append((2.0 * b * heads * q_len * kv_len * kv, 2))  # probs . v
     dense(q_tokens, inner, d)
     adapter('out', block, q_tokens, inner, d)
 
@@ -139,21 +160,22 @@ def train_step_flops(config, adapters, batch_size: int, input_length: int,
     dense(tokens, f, d)
     adapter('wo', None, tokens, f, d)
 
-  for _ in range(c.num_encoder_layers):
+  for layer in range(c.num_encoder_layers):
     relpos(li)
-    attention('encoder_self', te, te, li, li)
+    attention('encoder_self', te, te, li, li, first=layer == 0)
     mlp(te)
-  for _ in range(c.num_decoder_layers):
+  for layer in range(c.num_decoder_layers):
     relpos(lt)
-    attention('decoder_self', td, td, lt, lt)
+    attention('decoder_self', td, td, lt, lt, first=layer == 0)
     attention('decoder_cross', td, te, lt, li)
     mlp(td)
   dense(td, d, c.vocab_size)  # logits (tied or not: the same FLOPs)
 
-  forward = (sum(x for x, _ in weight) + sum(pairs) +
+  forward = (sum(x for x, _, _ in weight) + sum(x for x, _ in pairs) +
              sum(x for x, _ in const))
-  backward = (sum(x for x, _ in weight) + sum(x for x, t in weight if t) +
-              2 * sum(pairs) + sum(x for x, t in const if t))
+  backward = (sum(x for x, _, g in weight if g) +
+              sum(x for x, t, _ in weight if t) +
+              sum(x * n for x, n in pairs) + sum(x for x, t in const if t))
   return {'forward': forward, 'backward': backward,
           'total': forward + backward}
 

@@ -139,7 +139,8 @@ def _next_batch(iterator) -> Dict[str, np.ndarray]:
 # ------------------------------------------------------------------- model
 
 
-def _dummy_batch(cfg: TrainConfig) -> Dict[str, jax.ShapeDtypeStruct]:
+def dummy_batch(cfg: TrainConfig) -> Dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of a one-example batch of the configured lengths (for `init`)."""
   lengths = cfg.task_feature_lengths
   enc = jax.ShapeDtypeStruct((1, lengths['inputs']), jnp.int32)
   dec = jax.ShapeDtypeStruct((1, lengths['targets']), jnp.int32)
@@ -316,7 +317,7 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
     # Abstract shapes and logical axes first: nothing is allocated.
     def init_variables(rng):
       return network.init(rng, **{k: jnp.zeros(v.shape, v.dtype) for k, v in
-                                  _dummy_batch(cfg).items()},
+                                  dummy_batch(cfg).items()},
                           enable_dropout=False)
 
     root_rng = jax.random.PRNGKey(cfg.seed)
@@ -335,8 +336,8 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
     # resumed run (so both compile the same step).
     abstract_state = jax.eval_shape(fresh_state_abstract(
         init_variables, init_rng, tx, cfg.trainable_regex, dropout_rng))
-    state_shardings = _state_shardings(abstract_state, trainable_shard,
-                                       frozen_shard, mesh)
+    state_shardings = state_shardings_for(abstract_state, trainable_shard,
+                                          frozen_shard, mesh)
 
     def fresh_state():
       params = jax.jit(lambda r: init_variables(r)['params'],
@@ -450,7 +451,8 @@ def fresh_state_abstract(init_variables, init_rng, tx, regex, dropout_rng):
   return build
 
 
-def _state_shardings(abstract_state, trainable_shard, frozen_shard, mesh):
+def state_shardings_for(abstract_state, trainable_shard, frozen_shard,
+                        mesh):
   """Shardings of a TrainState: parameters by logical axes; optimizer state
   like its parameter when shapes agree, else replicated (factored moments)."""
   replicated = partitioning.replicated(mesh)

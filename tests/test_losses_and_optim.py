@@ -62,6 +62,20 @@ def test_output_z_loss_is_added():
   np.testing.assert_allclose(metrics['z_loss'], with_z - plain, rtol=1e-5)
 
 
+def test_accuracy_counts_real_targets_at_the_maximum_logit():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(2, 5, 13)).astype(np.float32)
+  targets = rng.integers(1, 13, size=(2, 5))
+  targets[0, :2] = logits[0, :2].argmax(-1)  # some hits for sure
+  targets[1, 3:] = 0  # padding never counts
+  batch = {'decoder_target_tokens': targets}
+  _, metrics = models.normalized_loss(jnp.asarray(logits), batch, None)
+  real = targets > 0
+  want = ((logits.argmax(-1) == targets) & real).sum() / real.sum()
+  assert 2 <= ((logits.argmax(-1) == targets) & real).sum() < real.sum()
+  np.testing.assert_allclose(metrics['accuracy'], want, rtol=1e-6)
+
+
 def test_learning_rate_schedules():
   const = optim.OptimizerConfig(learning_rate=0.1).learning_rate_fn()
   assert float(const(0)) == float(const(10 ** 6)) == pytest.approx(0.1)

@@ -1,0 +1,150 @@
+"""The benchmarks of bench/ run end to end, and count FLOPs correctly.
+
+Tiny shapes only: these check what the benchmarks compute and write (fields,
+model FLOPs, losses across meshes, packing's fill, scoring's agreement), not
+how fast anything is.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from flax import traverse_util
+from jax.extend import core as jax_core
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, 'bench')
+sys.path.insert(0, BENCH)
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+SHAPES = ['--batch_size=4', '--input_length=32', '--target_length=8']
+
+
+def _run(script, *flags, timeout=600):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.run([sys.executable, os.path.join(BENCH, script),
+                         *flags], capture_output=True, text=True, env=env,
+                        timeout=timeout, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  return proc.stdout
+
+
+def _dot_flops(jaxpr) -> float:
+  """2 * output size * contracted size of every dot_general, sub-jaxprs
+  (jit, custom VJPs, scans) included."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      (contract, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += (2.0 * math.prod(eqn.outvars[0].aval.shape) *
+                math.prod(lhs[i] for i in contract))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        if isinstance(sub, jax_core.ClosedJaxpr):
+          total += _dot_flops(sub.jaxpr)
+        elif isinstance(sub, jax_core.Jaxpr):
+          total += _dot_flops(sub)
+  return total
+
+
+@pytest.mark.parametrize('method', ['full', 'ia3', 'lora', 'molora-10',
+                                    'mov-10'])
+def test_model_flops_equal_the_matmuls_of_the_traced_training_step(method):
+  batch, inputs, targets = 2, 24, 8
+  cfg = common.train_config('tiny', method, batch_size=batch,
+                            input_length=inputs, target_length=targets,
+                            dtype='float32', dropout=0.0)
+  training = common.Training(cfg)
+  data = training.place(common.synthetic_batch(
+      batch, inputs, targets, cfg.network.config.vocab_size))
+  with training.context():
+    traced = jax.make_jaxpr(training.step_fn)(training.state, data)
+  executed = _dot_flops(traced.jaxpr)
+  base_trainable = any('_adapter/' not in path for path in
+                       traverse_util.flatten_dict(training.state.trainable,
+                                                  sep='/'))
+  assert base_trainable == (method == 'full')
+  model = train_step.train_step_flops(
+      cfg.network.config, cfg.network.adapters, batch, inputs, targets,
+      base_trainable)['total']
+  # Not model FLOPs: AVERAGE_PER_SEQUENCE counts each target's segment
+  # length with a [b, lt, lt] x [b, lt] einsum.
+  model += 2.0 * batch * targets * targets
+  if method == 'mov-10':
+    # On CPU the per-head mix multiplies by a block-diagonal matrix (heads x
+    # the model FLOPs of the mix); everything else is counted exactly.
+    assert model < executed < 1.06 * model
+  else:
+    assert executed == model
+
+
+def test_train_step_benchmark_writes_the_records_the_issue_names(tmp_path):
+  out = tmp_path / 'train_step.json'
+  _run('train_step.py', '--sizes=tiny', '--methods=full,ia3,mov-10',
+       '--steps=2', '--matmuls=1', '--matmul_size=256', *SHAPES,
+       f'--out={out}')
+  records = json.loads(out.read_text())
+  steps = {r['method']: r for r in records if r['kind'] == 'train_step'}
+  assert set(steps) == {'full', 'ia3', 'mov-10'}
+  for r in steps.values():
+    for field in ('size', 'method', 'step_time_median_s', 'tokens_per_s',
+                  'flops_per_step', 'peak_fraction', 'peak_memory_mb',
+                  'trainable_params', 'compile_s', 'step_time_min_s'):
+      assert r[field] is not None and r[field] == r[field], field
+    assert r['steps'] == 2 and r['step_time_min_s'] <= r['step_time_median_s']
+    assert r['tokens_per_s'] == pytest.approx(
+        4 * (32 + 8) / r['step_time_median_s'])
+    assert 0 < r['peak_fraction'] and math.isfinite(r['loss_last'])
+  # Full fine-tuning trains everything and does the weight gradients too.
+  assert steps['full']['trainable_params'] == steps['full']['total_params']
+  assert (steps['ia3']['trainable_params'] < steps['mov-10'][
+      'trainable_params'] < steps['full']['trainable_params'])
+  assert steps['full']['flops_per_step'] > steps['mov-10']['flops_per_step']
+  goals = [r for r in records if r['kind'] == 'target']
+  assert {g['method'] for g in goals} == {'mov-10 / ia3', 'mov-10 / full'}
+  ratio = next(g for g in goals if g['method'] == 'mov-10 / ia3' and
+               g['field'] == 'step_time_median_s')['value']
+  assert ratio == pytest.approx(steps['mov-10']['step_time_median_s'] /
+                                steps['ia3']['step_time_median_s'])
+
+
+def test_scaling_benchmark_gives_the_single_device_losses(tmp_path):
+  out = tmp_path / 'scaling.json'
+  _run('scaling.py', '--size=tiny', '--methods=mov-10',
+       '--meshes=1x1,2x1,1x2', '--steps=2', *SHAPES, f'--out={out}')
+  records = json.loads(out.read_text())
+  assert {r['mesh'] for r in records} == {'1x1', '2x1', '1x2'}
+  for r in records:
+    assert r['device_count'] == r['devices'] == (r['data_parallel'] *
+                                                 r['model_parallel'])
+    assert len(r['losses']) == 3  # the warm-up step and two timed ones
+    assert r['max_abs_loss_diff_vs_1x1'] < 1e-4
+
+
+def test_packing_benchmark_fills_more_of_the_batch(tmp_path):
+  out = tmp_path / 'packing.json'
+  _run('packing.py', '--size=tiny', '--method=mov-10', '--steps=2',
+       '--batches=2', '--batch_size=4', '--input_length=64',
+       '--target_length=16', '--input_median=20', f'--out={out}')
+  modes = {r['mode']: r for r in json.loads(out.read_text())}
+  packed, padded = modes['packed'], modes['padded']
+  assert packed['examples_per_step'] > padded['examples_per_step'] == 4
+  assert packed['fill_fraction'] > padded['fill_fraction']
+  assert packed['speedup_real_tokens'] == pytest.approx(
+      packed['real_tokens_per_s'] / padded['real_tokens_per_s'])
+
+
+def test_scoring_benchmark_agrees_with_tiled_scoring(tmp_path):
+  out = tmp_path / 'scoring.json'
+  _run('scoring.py', '--gin_file=models/t5_1_1_tiny.gin', '--batch_size=2',
+       '--input_length=32', '--repeats=1', '--warmup=0', f'--out={out}')
+  records = {r['method']: r for r in json.loads(out.read_text())}
+  assert set(records) == {'tiled', 'encode_once'}
+  assert records['encode_once']['max_abs_diff'] < 1e-3
+  assert records['tiled']['speedup'] == pytest.approx(1.0)
