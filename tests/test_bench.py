@@ -112,6 +112,9 @@ def test_train_step_benchmark_writes_the_records_the_issue_names(tmp_path):
                g['field'] == 'step_time_median_s')['value']
   assert ratio == pytest.approx(steps['mov-10']['step_time_median_s'] /
                                 steps['ia3']['step_time_median_s'])
+  # The README's tables come from bench/report.py.
+  report = _run('report.py', str(tmp_path))
+  assert '| tiny | mov-10 | ' in report and '| tiny | mov-10 / ia3 |' in report
 
 
 def test_scaling_benchmark_gives_the_single_device_losses(tmp_path):

@@ -1,0 +1,134 @@
+"""Markdown tables of a directory of benchmark results (for the README).
+
+    python bench/report.py bench/results/latest
+
+Reads what `make bench` writes there (train_step.json, packing.json,
+scaling.json, scoring.json; any of them may be missing) and prints one
+Markdown table per benchmark, with the machine and code version they ran on.
+"""
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+
+def load(directory: str, name: str) -> Optional[List[Dict[str, Any]]]:
+  path = os.path.join(directory, name)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |',
+           '|' + '|'.join('---:' if i else '---' for i in range(len(header)))
+           + '|']
+  lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def machine(record: Dict[str, Any]) -> str:
+  load_avg = record.get('load_average') or record.get('load_average_start')
+  text = (f"{record.get('device_kind', '?')} backend, "
+          f"{record.get('cpu_model', '?')}, {record.get('cpu_cores', '?')} "
+          f"cores, jax {record.get('jax_version', '?')}, code "
+          f"{record.get('code_version', '?')}")
+  if load_avg:
+    text += f', load average {load_avg[0]:.1f} at the start'
+  return text
+
+
+def train_step_section(records) -> str:
+  steps = [r for r in records if r['kind'] == 'train_step']
+  goals = [r for r in records if r['kind'] == 'target']
+  first = steps[0]
+  rows = [[r['size'], r['method'], f"{r['step_time_median_s']:.3f}",
+           f"{r['tokens_per_s']:,.0f}", f"{r['flops_per_step'] / 1e9:.1f}",
+           f"{r['peak_fraction']:.2f}", f"{r['peak_fraction_median']:.2f}",
+           f"{r['peak_memory_mb']:,.0f}", f"{r['xla_total_mb']:,.0f}",
+           f"{r['trainable_params']:,}"] for r in steps]
+  out = [f"Training step ({first['dtype']}, batch {first['batch_size']}, "
+         f"{first['input_length']} input / {first['target_length']} target "
+         f"tokens, dropout {first['dropout']}, {first['steps']} timed steps; "
+         f"{machine(first)}; matmul peak {first['matmul_size']}^2: fastest "
+         f"{first['matmul_peak_flops'] / 1e9:.0f} GFLOP/s, median "
+         f"{first['matmul_median_flops'] / 1e9:.0f} GFLOP/s):", '',
+         table(rows, ['size', 'method', 'median s', 'tokens/s',
+                      'GFLOP/step', 'of peak', 'of peak (medians)',
+                      'peak RSS MB', 'XLA MB', 'trainable'])]
+  if goals:
+    rows = [[g['size'], g['method'], g['field'], f"{g['value']:.3f}",
+             g['goal'], 'yes' if g['met'] else '**no**'] for g in goals]
+    out += ['', table(rows, ['size', 'ratio', 'of', 'value', 'goal',
+                             'met'])]
+  return '\n'.join(out)
+
+
+def packing_section(records) -> str:
+  first = records[0]
+  rows = [[r['mode'], f"{r['step_time_median_s']:.3f}",
+           f"{r['examples_per_step']:.1f}", f"{r['fill_fraction']:.2f}",
+           f"{r['real_tokens_per_s']:,.0f}",
+           f"{r['speedup_real_tokens']:.2f}"] for r in records]
+  return '\n'.join([
+      f"Packing ({first['size']} {first['method']}, batch "
+      f"{first['batch_size']} rows of {first['input_length']} / "
+      f"{first['target_length']} tokens, P3-like lengths):", '',
+      table(rows, ['mode', 'median s', 'examples/step', 'real-token fill',
+                   'real tokens/s', 'speed-up'])])
+
+
+def scaling_section(records) -> str:
+  first = records[0]
+  rows = [[r['mesh'], r['method'], f"{r['step_time_median_s']:.3f}",
+           f"{r['max_abs_loss_diff_vs_1x1']:.1e}"] for r in records]
+  return '\n'.join([
+      f"Scaling ({first['size']}, batch {first['batch_size']}, simulated CPU "
+      'devices sharing the same cores: partitioning overhead and numerics, '
+      'not speed-up):', '',
+      table(rows, ['mesh (data x model)', 'method', 'median s',
+                   'largest loss difference from 1x1'])])
+
+
+def scoring_section(records) -> str:
+  first = records[0]
+  rows = [[r['method'], f"{r['median_s'] * 1e3:.0f}",
+           f"{r['examples_per_s']:.1f}", f"{r['speedup']:.2f}"]
+          for r in records]
+  return '\n'.join([
+      f"Rank-classification scoring ({', '.join(first['gin_file'])}, "
+      f"{first['batch_size']} examples x {first['num_choices']} choices, "
+      f"{first['input_length']}-token inputs; max |difference| "
+      f"{first['max_abs_diff']:.1e}):", '',
+      table(rows, ['method', 'median ms', 'examples/s', 'speed-up'])])
+
+
+SECTIONS: Tuple[Tuple[str, Any], ...] = (
+    ('train_step.json', train_step_section),
+    ('packing.json', packing_section),
+    ('scaling.json', scaling_section),
+    ('scoring.json', scoring_section))
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument('directory')
+  args = parser.parse_args(argv)
+  parts = []
+  for name, section in SECTIONS:
+    records = load(args.directory, name)
+    if records:
+      parts.append(section(records))
+  if not parts:
+    print(f'No benchmark results (*.json of make bench) in '
+          f'{args.directory}.', file=sys.stderr)
+    return 1
+  print('\n\n'.join(parts))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
