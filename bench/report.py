@@ -76,7 +76,8 @@ def packing_section(records) -> str:
   return '\n'.join([
       f"Packing ({first['size']} {first['method']}, batch "
       f"{first['batch_size']} rows of {first['input_length']} / "
-      f"{first['target_length']} tokens, P3-like lengths):", '',
+      f"{first['target_length']} tokens, P3-like lengths; "
+      f"{machine(first)}):", '',
       table(rows, ['mode', 'median s', 'examples/step', 'real-token fill',
                    'real tokens/s', 'speed-up'])])
 
@@ -88,7 +89,7 @@ def scaling_section(records) -> str:
   return '\n'.join([
       f"Scaling ({first['size']}, batch {first['batch_size']}, simulated CPU "
       'devices sharing the same cores: partitioning overhead and numerics, '
-      'not speed-up):', '',
+      f'not speed-up; {machine(first)}):', '',
       table(rows, ['mesh (data x model)', 'method', 'median s',
                    'largest loss difference from 1x1'])])
 
@@ -101,8 +102,8 @@ def scoring_section(records) -> str:
   return '\n'.join([
       f"Rank-classification scoring ({', '.join(first['gin_file'])}, "
       f"{first['batch_size']} examples x {first['num_choices']} choices, "
-      f"{first['input_length']}-token inputs; max |difference| "
-      f"{first['max_abs_diff']:.1e}):", '',
+      f"{first['input_length']}-token inputs; largest score difference "
+      f"{first['max_abs_diff']:.1e}; {machine(first)}):", '',
       table(rows, ['method', 'median ms', 'examples/s', 'speed-up'])])
 
 

@@ -15,6 +15,7 @@ the two give the same scores. Not a test: speed depends on the machine.
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -27,6 +28,9 @@ import numpy as np
 from mov_jax import gin_utils
 from mov_jax import models
 from mov_jax import scoring
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_GIN_FILE = 'models/t5_1_1_small.gin'
 # float32 activations by default: this runs on CPUs, where bfloat16 is slow.
@@ -125,9 +129,10 @@ def main(argv=None) -> int:
             'num_choices': args.num_choices,
             'input_length': args.input_length,
             'target_length': args.target_length, 'repeats': args.repeats,
-            'device': jax.devices()[0].device_kind,
+            'device': jax.devices()[0].device_kind, **common.machine_info(),
             'max_abs_diff': max_abs_diff}
-  records = [dict(method=name, examples_per_s=args.batch_size / seconds,
+  records = [dict(kind='scoring', method=name,
+                  examples_per_s=args.batch_size / seconds,
                   median_s=seconds, speedup=medians['tiled'] / seconds,
                   **config)
              for name, seconds in medians.items()]
