@@ -121,6 +121,18 @@ def register_from_table(rows: Sequence[TemplateRow], root: str, prefix: str,
   return reports
 
 
+def unregister_t0() -> None:
+  """Removes the T0 mixtures and P3 tasks an earlier `register_t0` added
+  (seqio's registry is per process), so that they name no stale copy."""
+  rows = read_table(TABLE_PATH)
+  for name in mixture_rates(rows, 't0', excluded_eval_datasets=(STORY_CLOZE,)):
+    if name in seqio.MixtureRegistry.names():
+      seqio.MixtureRegistry.remove(name)
+  for name in template_to_dataset(rows):
+    if name in seqio.TaskRegistry.names():
+      seqio.TaskRegistry.remove(name)
+
+
 def register_t0(data_dir: str,
                 vocabulary: Optional[seqio.Vocabulary] = None,
                 reuse_tokens: Optional[bool] = None

@@ -298,8 +298,15 @@ def test_gin_macros_choose_the_p3_copy(tmp_path):
         'targets_pretokenized': ' a'}], p3_format.PARQUET)
   gin_utils.parse_gin(['data/p3.gin'], [f"P3_DATA_DIR = '{root}'",
                                         'P3_REUSE_TOKENS = True'])
-  reports = mov_jax.tasks.setup_from_gin()
-  assert reports['t0_train'].num_tasks == 1
-  assert len(reports['t0_train'].missing) == 312
-  task = seqio.get_mixture_or_task('glue_mrpc_equivalent')
-  assert task.source.layout == p3_format.PARQUET
+  try:
+    reports = mov_jax.tasks.setup_from_gin()
+    assert reports['t0_train'].num_tasks == 1
+    assert len(reports['t0_train'].missing) == 312
+    task = seqio.get_mixture_or_task('glue_mrpc_equivalent')
+    assert task.source.layout == p3_format.PARQUET
+  finally:
+    # seqio's registry is global: leave no T0 task or mixture of this tmp
+    # copy to later tests in this process (they expect T0 unregistered).
+    t0.unregister_t0()
+  assert 't0_train' not in seqio.MixtureRegistry.names()
+  assert 'glue_mrpc_equivalent' not in seqio.TaskRegistry.names()
