@@ -129,64 +129,27 @@ def count_params(tree) -> int:
 
 
 class Training:
-  """Everything one benchmarked training configuration needs.
-
-  Built as `train.train` builds a fresh run: parameters initialised straight
-  into their shardings, `optim.split_trainable`, `tx.init` of the trainable
-  part, and `jax.jit(train.make_train_step(...), donate_argnums=(0,))` with
-  the state's and the batch's shardings, under the mesh and logical rules.
-  """
+  """Everything one benchmarked training configuration needs, built as
+  `train.train` builds a fresh run (`train.state_layout`, its
+  `initial_params` and `fresh_state`, `train.jit_train_step`), under the
+  mesh and logical axis rules."""
 
   def __init__(self, cfg, mesh=None, seed: int = 0):
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from mov_jax import optim  # pylint: disable=g-import-not-at-top
+    import dataclasses  # pylint: disable=g-import-not-at-top
     from mov_jax import partitioning  # pylint: disable=g-import-not-at-top
     from mov_jax import train  # pylint: disable=g-import-not-at-top
-    from mov_jax import train_state as ts  # pylint: disable=g-import-not-at-top
-    self.cfg = cfg
+    self.cfg = cfg = dataclasses.replace(cfg, seed=seed)
     self.mesh = cfg.mesh.make_mesh() if mesh is None else mesh
     self.rules = cfg.mesh.rules
     partitioning.check_batch_size(cfg.batch_size, self.mesh)
     tx = cfg.optimizer.make()
-    network = cfg.network
     with self.context():
-      def init_variables(rng):
-        return network.init(rng, **{
-            k: jnp.zeros(v.shape, v.dtype)
-            for k, v in train.dummy_batch(cfg).items()},
-                            enable_dropout=False)
-
-      init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
-      abstract = jax.eval_shape(init_variables, init_rng)
-      param_shardings = partitioning.shardings_for(
-          partitioning.logical_specs(abstract['params_axes']), self.mesh,
-          self.rules)
-      trainable_shard, frozen_shard = optim.split_trainable(
-          param_shardings, cfg.trainable_regex)
-      abstract_state = jax.eval_shape(train.fresh_state_abstract(
-          init_variables, init_rng, tx, cfg.trainable_regex, dropout_rng))
-      self.state_shardings = train.state_shardings_for(
-          abstract_state, trainable_shard, frozen_shard, self.mesh)
-      params = jax.jit(lambda r: init_variables(r)['params'],
-                       out_shardings=param_shardings)(init_rng)
-      trainable, frozen = optim.split_trainable(params, cfg.trainable_regex)
-      opt_state = jax.jit(tx.init,
-                          out_shardings=self.state_shardings.opt_state)(
-                              trainable)
-      replicated = partitioning.replicated(self.mesh)
-      self.state = ts.TrainState(
-          step=jax.device_put(jnp.asarray(0, jnp.int32), replicated),
-          trainable=trainable, frozen=frozen, opt_state=opt_state,
-          rng=jax.device_put(dropout_rng, replicated))
-      self.step_fn = jax.jit(
-          train.make_train_step(cfg, tx, cfg.optimizer.learning_rate_fn()),
-          in_shardings=(self.state_shardings,
-                        partitioning.batch_sharding(self.mesh)),
-          out_shardings=(self.state_shardings, replicated),
-          donate_argnums=(0,))
-    self.trainable_params = count_params(trainable)
-    self.total_params = self.trainable_params + count_params(frozen)
+      layout = train.state_layout(cfg, tx, self.mesh)
+      self.state = layout.fresh_state(layout.initial_params())
+      self.step_fn = train.jit_train_step(cfg, tx, layout)
+    self.trainable_params = count_params(self.state.trainable)
+    self.total_params = self.trainable_params + count_params(
+        self.state.frozen)
     self.compiled = None
 
   def context(self):

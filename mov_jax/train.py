@@ -19,7 +19,8 @@ import os
 import re
 import sys
 import time
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import (Any, Callable, Dict, Mapping, Optional, Sequence,
+                    Tuple)
 
 import gin
 import jax
@@ -137,15 +138,6 @@ def _next_batch(iterator) -> Dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------- model
-
-
-def dummy_batch(cfg: TrainConfig) -> Dict[str, jax.ShapeDtypeStruct]:
-  """Shapes of a one-example batch of the configured lengths (for `init`)."""
-  lengths = cfg.task_feature_lengths
-  enc = jax.ShapeDtypeStruct((1, lengths['inputs']), jnp.int32)
-  dec = jax.ShapeDtypeStruct((1, lengths['targets']), jnp.int32)
-  return {'encoder_input_tokens': enc, 'decoder_input_tokens': dec,
-          'decoder_target_tokens': dec}
 
 
 _NETWORK_INPUTS = ('encoder_input_tokens', 'decoder_input_tokens',
@@ -311,37 +303,20 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
   tf.io.gfile.makedirs(cfg.model_dir)
   network = cfg.network
   tx = cfg.optimizer.make()
-  schedule = cfg.optimizer.learning_rate_fn()
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    # Abstract shapes and logical axes first: nothing is allocated.
-    def init_variables(rng):
-      return network.init(rng, **{k: jnp.zeros(v.shape, v.dtype) for k, v in
-                                  dummy_batch(cfg).items()},
-                          enable_dropout=False)
-
-    root_rng = jax.random.PRNGKey(cfg.seed)
-    init_rng, dropout_rng = jax.random.split(root_rng)
-    abstract = jax.eval_shape(init_variables, init_rng)
-    param_shardings = partitioning.shardings_for(
-        partitioning.logical_specs(abstract['params_axes']), mesh, rules)
-    trainable_shard, frozen_shard = optim.split_trainable(
-        param_shardings, cfg.trainable_regex)
+    # Abstract shapes, logical axes and shardings first: nothing is
+    # allocated. Identical for a fresh and a resumed run (so both compile
+    # the same step).
+    layout = state_layout(cfg, tx, mesh)
+    abstract_state, state_shardings = layout.abstract, layout.shardings
 
     manager = ts.checkpoint_manager(cfg.model_dir, cfg.checkpoint_period,
                                     cfg.keep_checkpoints)
     latest = manager.latest_step()
 
-    # The state's abstract shapes and shardings, identical for a fresh and a
-    # resumed run (so both compile the same step).
-    abstract_state = jax.eval_shape(fresh_state_abstract(
-        init_variables, init_rng, tx, cfg.trainable_regex, dropout_rng))
-    state_shardings = state_shardings_for(abstract_state, trainable_shard,
-                                          frozen_shard, mesh)
-
     def fresh_state():
-      params = jax.jit(lambda r: init_variables(r)['params'],
-                       out_shardings=param_shardings)(init_rng)
+      params = layout.initial_params()
       if cfg.initial_checkpoint_path:
         params = overlay_params(
             params, load_base_params(cfg.initial_checkpoint_path,
@@ -352,14 +327,7 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
         params = overlay_params(
             params, checkpoints.load_params(cfg.adapter_checkpoint_path)[0],
             cfg.adapter_checkpoint_path, expect_all_base=False)
-      trainable, frozen = optim.split_trainable(params, cfg.trainable_regex)
-      opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(
-          trainable)
-      replicated = partitioning.replicated(mesh)
-      return ts.TrainState(
-          step=jax.device_put(jnp.asarray(0, jnp.int32), replicated),
-          trainable=trainable, frozen=frozen, opt_state=opt_state,
-          rng=jax.device_put(dropout_rng, replicated))
+      return layout.fresh_state(params)
 
     if latest is None:
       state = fresh_state()
@@ -384,12 +352,7 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
     elif primary:
       _write_run_files(cfg, state)
 
-    step_fn = jax.jit(make_train_step(cfg, tx, schedule),
-                      in_shardings=(state_shardings,
-                                    partitioning.batch_sharding(mesh)),
-                      out_shardings=(state_shardings,
-                                     partitioning.replicated(mesh)),
-                      donate_argnums=(0,))
+    step_fn = jit_train_step(cfg, tx, layout)
     log = MetricsLog(cfg.model_dir, start_step)
     end_step = cfg.train_steps
     if stop_after is not None:
@@ -438,36 +401,98 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
     return summary
 
 
-def fresh_state_abstract(init_variables, init_rng, tx, regex, dropout_rng):
-  """A function whose eval_shape is the TrainState a fresh run would build."""
+@dataclasses.dataclass
+class StateLayout:
+  """A fresh run's TrainState before anything is allocated.
 
-  def build():
-    params = init_variables(init_rng)['params']
-    trainable, frozen = optim.split_trainable(params, regex)
+  `abstract` (shapes) and `shardings` (parameters by their logical axes,
+  optimizer state like its parameter, or replicated when factored) are the
+  same for a resumed run. Build it with `state_layout`, under the mesh and
+  its logical axis rules.
+  """
+  init_variables: Callable[[jax.Array], Any]
+  init_rng: jax.Array
+  dropout_rng: jax.Array
+  tx: optax.GradientTransformation
+  trainable_regex: Sequence[str]
+  mesh: jax.sharding.Mesh
+  param_shardings: Any
+  abstract: ts.TrainState
+  shardings: ts.TrainState
+
+  def initial_params(self):
+    """Freshly initialised parameters, created in their shardings."""
+    return jax.jit(lambda r: self.init_variables(r)['params'],
+                   out_shardings=self.param_shardings)(self.init_rng)
+
+  def fresh_state(self, params) -> ts.TrainState:
+    """Step 0 of a run from `params` (laid out as `initial_params`)."""
+    trainable, frozen = optim.split_trainable(params, self.trainable_regex)
+    opt_state = jax.jit(self.tx.init,
+                        out_shardings=self.shardings.opt_state)(trainable)
+    replicated = partitioning.replicated(self.mesh)
+    return ts.TrainState(
+        step=jax.device_put(jnp.asarray(0, jnp.int32), replicated),
+        trainable=trainable, frozen=frozen, opt_state=opt_state,
+        rng=jax.device_put(self.dropout_rng, replicated))
+
+
+def state_layout(cfg: TrainConfig, tx: optax.GradientTransformation,
+                 mesh: jax.sharding.Mesh) -> StateLayout:
+  """The `StateLayout` of `cfg` (seed, network, TRAINABLE_REGEX) on `mesh`."""
+  lengths = cfg.task_feature_lengths
+  enc = jnp.zeros((1, lengths['inputs']), jnp.int32)
+  dec = jnp.zeros((1, lengths['targets']), jnp.int32)
+
+  def init_variables(rng):
+    return cfg.network.init(rng, encoder_input_tokens=enc,
+                            decoder_input_tokens=dec,
+                            decoder_target_tokens=dec, enable_dropout=False)
+
+  init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
+  abstract_vars = jax.eval_shape(init_variables, init_rng)
+  param_shardings = partitioning.shardings_for(
+      partitioning.logical_specs(abstract_vars['params_axes']), mesh,
+      cfg.mesh.rules)
+  trainable_shard, frozen_shard = optim.split_trainable(
+      param_shardings, cfg.trainable_regex)
+
+  def fresh_abstract():
+    trainable, frozen = optim.split_trainable(
+        init_variables(init_rng)['params'], cfg.trainable_regex)
     return ts.TrainState(step=jnp.asarray(0, jnp.int32), trainable=trainable,
                          frozen=frozen, opt_state=tx.init(trainable),
                          rng=dropout_rng)
 
-  return build
-
-
-def state_shardings_for(abstract_state, trainable_shard, frozen_shard,
-                        mesh):
-  """Shardings of a TrainState: parameters by logical axes; optimizer state
-  like its parameter when shapes agree, else replicated (factored moments)."""
+  abstract = jax.eval_shape(fresh_abstract)
   replicated = partitioning.replicated(mesh)
-  flat_param_shard = {**_flat(trainable_shard)}
+  flat_trainable_shard = _flat(trainable_shard)
   by_shape = {}
-  for k, v in _flat(abstract_state.trainable).items():
-    by_shape.setdefault(tuple(v.shape), flat_param_shard[k])
+  for k, v in _flat(abstract.trainable).items():
+    by_shape.setdefault(tuple(v.shape), flat_trainable_shard[k])
 
   def opt_sharding(x):
     return by_shape.get(tuple(x.shape), replicated) if x.ndim else replicated
 
-  return ts.TrainState(
+  shardings = ts.TrainState(
       step=replicated, trainable=trainable_shard, frozen=frozen_shard,
-      opt_state=jax.tree_util.tree_map(opt_sharding, abstract_state.opt_state),
+      opt_state=jax.tree_util.tree_map(opt_sharding, abstract.opt_state),
       rng=replicated)
+  return StateLayout(init_variables, init_rng, dropout_rng, tx,
+                     cfg.trainable_regex, mesh, param_shardings, abstract,
+                     shardings)
+
+
+def jit_train_step(cfg: TrainConfig, tx: optax.GradientTransformation,
+                   layout: StateLayout):
+  """`make_train_step` jitted with the state's and the batch's shardings,
+  the state donated."""
+  return jax.jit(make_train_step(cfg, tx, cfg.optimizer.learning_rate_fn()),
+                 in_shardings=(layout.shardings,
+                               partitioning.batch_sharding(layout.mesh)),
+                 out_shardings=(layout.shardings,
+                                partitioning.replicated(layout.mesh)),
+                 donate_argnums=(0,))
 
 
 def _check_saved_shapes(manager, step, abstract_state, model_dir):
