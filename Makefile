@@ -15,6 +15,9 @@ BENCH_OUT ?= bench/results/latest
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mov-jax-installed
+# glibc malloc set up for XLA on CPU (steps up to 1.5x faster; why:
+# mov_jax/host_memory.py). Settings already in GLIBC_TUNABLES win.
+TUNED := GLIBC_TUNABLES="$$($(BIN)/python -m mov_jax.host_memory)"
 
 .PHONY: demo test bench install clean
 
@@ -30,18 +33,18 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m mov_jax.demo
+	$(TUNED) $(BIN)/python -m mov_jax.demo
 
 test: $(STAMP)
-	JAX_PLATFORMS=cpu $(BIN)/python -m pytest $(PYTEST_FLAGS) tests
+	JAX_PLATFORMS=cpu $(TUNED) $(BIN)/python -m pytest $(PYTEST_FLAGS) tests
 
 # On whatever backend JAX finds (CPU, GPU or TPU); not part of the tests.
 bench: $(STAMP)
 	mkdir -p $(BENCH_OUT)
-	$(BIN)/python bench/train_step.py --out=$(BENCH_OUT)/train_step.json
-	$(BIN)/python bench/packing.py --out=$(BENCH_OUT)/packing.json
-	$(BIN)/python bench/scaling.py --out=$(BENCH_OUT)/scaling.json
-	$(BIN)/python bench/scoring.py --out=$(BENCH_OUT)/scoring.json
+	$(TUNED) $(BIN)/python bench/train_step.py --out=$(BENCH_OUT)/train_step.json
+	$(TUNED) $(BIN)/python bench/packing.py --out=$(BENCH_OUT)/packing.json
+	$(TUNED) $(BIN)/python bench/scaling.py --out=$(BENCH_OUT)/scaling.json
+	$(TUNED) $(BIN)/python bench/scoring.py --out=$(BENCH_OUT)/scoring.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

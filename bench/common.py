@@ -1,7 +1,7 @@
 """Helpers shared by the benchmarks in bench/ (not a benchmark itself).
 
 * the machine: `machine_info` (CPU model, cores, load average, JAX version,
-  backend, device);
+  backend, device, glibc malloc settings);
 * the real training step: `train_config` (the gin files of a size and a
   method, as `python -m mov_jax.train` reads them), `Training` (parameters,
   the trainable / frozen split and optimizer state placed on a mesh, and the
@@ -78,8 +78,11 @@ def code_version() -> str:
 def machine_info() -> Dict[str, Any]:
   """Where a benchmark ran; call it after JAX picked its backend."""
   import jax  # pylint: disable=g-import-not-at-top
+  from mov_jax import host_memory  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
   return {'code_version': code_version(),
+          'glibc_tunables': os.environ.get(host_memory.ENV, ''),
+          'malloc_tuned': not host_memory.missing(os.environ),
           'cpu_model': cpu_model(), 'cpu_cores': os.cpu_count(),
           'jax_version': jax.__version__, 'backend': jax.default_backend(),
           'device_kind': device.device_kind,
@@ -438,11 +441,17 @@ def add_shape_flags(parser) -> None:
 
 
 def write_json(path: str, records: List[Dict[str, Any]]) -> None:
+  """Writes the records (if `path`), then, on CPU without the malloc settings
+  of `mov_jax.host_memory`, the note that the steps above ran slower than
+  they need to."""
   if path:
     with open(path, 'w', encoding='utf-8') as f:
       json.dump(records, f, indent=2)
       f.write('\n')
     print(f'wrote {len(records)} records to {path}')
+  import jax  # pylint: disable=g-import-not-at-top
+  from mov_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.print_advice(jax.default_backend())
 
 
 def report(records: List[Dict[str, Any]],

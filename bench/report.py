@@ -36,6 +36,9 @@ def machine(record: Dict[str, Any]) -> str:
           f"{record.get('cpu_model', '?')}, {record.get('cpu_cores', '?')} "
           f"cores, jax {record.get('jax_version', '?')}, code "
           f"{record.get('code_version', '?')}")
+  if 'malloc_tuned' in record and record.get('backend') == 'cpu':
+    text += (', glibc malloc tuned for XLA (mov_jax/host_memory.py)'
+             if record['malloc_tuned'] else ', default glibc malloc')
   if load_avg:
     text += f', load average {load_avg[0]:.1f} at the start'
   return text

@@ -14,7 +14,6 @@ the two give the same scores. Not a test: speed depends on the machine.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -143,9 +142,7 @@ def main(argv=None) -> int:
   print(f'max |encode_once - tiled| = {max_abs_diff:.2e} '
         f'(tolerance {args.tolerance:g}; scores span {rows.min():.1f} to '
         f'{rows.max():.1f}) on {config["device"]}')
-  if args.out:
-    with open(args.out, 'w', encoding='utf-8') as f:
-      json.dump(records, f, indent=2)
+  common.write_json(args.out, records)
   if not max_abs_diff <= args.tolerance:
     print('encode-once and tiled scores disagree', file=sys.stderr)
     return 1

@@ -25,6 +25,7 @@ import numpy as np
 from mov_jax import checkpoints
 from mov_jax import eval as eval_lib
 from mov_jax import gin_utils
+from mov_jax import host_memory
 from mov_jax import partitioning
 from mov_jax import train
 
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
                       './demo_runs/mov10_tiny_<time>).')
   args = gin_utils.parse_args(parser, argv)
   partitioning.hide_accelerators_from_tensorflow()
+  host_memory.print_advice(jax.default_backend())
   model_dir = args.model_dir or _default_model_dir()
   try:
     gin_utils.parse_gin(['runs/demo.gin'] + args.gin_file,

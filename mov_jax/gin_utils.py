@@ -192,11 +192,16 @@ def require_macros(required: Mapping[str, str]) -> None:
 
 def setup_binary(args: argparse.Namespace) -> None:
   """A binary's start: TensorFlow kept off the accelerators (tf.data only
-  reads files), the multi-host job joined, gin parsed, tasks registered
+  reads files), the multi-host job joined, a note on CPU when glibc's malloc
+  is not set up for XLA (`host_memory`), gin parsed, tasks registered
   (P3_DATA_DIR)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mov_jax import host_memory  # pylint: disable=g-import-not-at-top
   from mov_jax import partitioning  # pylint: disable=g-import-not-at-top
   partitioning.hide_accelerators_from_tensorflow()
   partitioning.initialize_distributed(args)
+  if jax.process_index() == 0:
+    host_memory.print_advice(jax.default_backend())
   setup_from_args(args)
   from mov_jax import tasks  # pylint: disable=g-import-not-at-top
   tasks.setup_from_gin()
