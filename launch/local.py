@@ -5,10 +5,8 @@
 
 Each process gets `--coordinator_address=127.0.0.1:<port> --num_processes=N
 --process_id=i` and `devices_per_process` simulated CPU devices, which is how
-the tests check multi-host code paths on one machine, and glibc's malloc set
-up for XLA on CPU (`mov_jax.host_memory`; settings already in GLIBC_TUNABLES
-win). Output lines are prefixed with the process id; the exit code is the
-first non-zero one.
+the tests check multi-host code paths on one machine. Output lines are
+prefixed with the process id; the exit code is the first non-zero one.
 """
 
 import argparse
@@ -17,8 +15,6 @@ import socket
 import subprocess
 import sys
 import threading
-
-from mov_jax import host_memory
 
 
 def free_port() -> int:
@@ -38,10 +34,9 @@ def launch(command, num_processes: int, devices_per_process: int,
   port = free_port()
   procs, threads = [], []
   for i in range(num_processes):
-    env = host_memory.with_tunables(dict(
-        os.environ, JAX_PLATFORMS='cpu',
-        XLA_FLAGS=f'--xla_force_host_platform_device_count='
-                  f'{devices_per_process}'))
+    env = dict(os.environ, JAX_PLATFORMS='cpu',
+               XLA_FLAGS=f'--xla_force_host_platform_device_count='
+                         f'{devices_per_process}')
     args = list(command) + [f'--coordinator_address=127.0.0.1:{port}',
                             f'--num_processes={num_processes}',
                             f'--process_id={i}']

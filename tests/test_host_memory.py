@@ -94,9 +94,9 @@ def test_advice_names_the_missing_settings_only_on_cpu():
   assert f'export {host_memory.ENV}={expected}' in note
   assert 'glibc.malloc.mmap_max' in note
   partial = host_memory.advice(
-      'cpu', env={host_memory.ENV: 'glibc.malloc.hugetlb=2'})
-  assert 'glibc.malloc.hugetlb=2' in partial
-  assert 'glibc.malloc.hugetlb not set' not in partial
+      'cpu', env={host_memory.ENV: 'glibc.malloc.arena_max=2'})
+  assert 'GLIBC_TUNABLES=glibc.malloc.arena_max=2:' in partial
+  assert '(glibc.malloc.mmap_max, glibc.malloc.trim_threshold not set)' in partial
   assert host_memory.advice('cpu', env=host_memory.with_tunables({})) is None
   assert host_memory.advice('gpu', env={}) is None
 
