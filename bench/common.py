@@ -68,7 +68,8 @@ def code_version() -> str:
                             capture_output=True, text=True, check=True,
                             timeout=10).stdout.strip()
     dirty = subprocess.run(['git', 'status', '--porcelain', '--', 'mov_jax',
-                            'bench', 'gin'], cwd=root, capture_output=True,
+                            'bench', 'gin', ':!bench/results'], cwd=root,
+                           capture_output=True,
                            text=True, check=True, timeout=10).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return 'unknown'
