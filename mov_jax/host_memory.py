@@ -16,7 +16,10 @@ The settings below (read by glibc when a process starts, from the
 every thread allocate from one heap that never hands memory back to the
 kernel, so each step reuses the pages of the step before: no page faults in
 the steps, and `python -m mov_jax.train` on T5-small MoV-10 ran 2,264 instead
-of 1,680-1,940 tokens/s with identical losses.
+of 1,680-1,940 tokens/s with identical losses. (XLA frees the buffer
+asynchronously, just after the results are ready. On a machine busy with
+other work, a step can allocate before the last one's free and fault in new
+pages, so the gain shrinks there.)
 
 The price, measured in the same run: the process keeps every page it ever
 used, and the one heap fragments. Its peak host memory was 6.2 GB instead of
