@@ -13,8 +13,9 @@ donate_argnums=(0,))`, compiled ahead of time on random tokens without
 padding. On CPU the processes of one size stay alive and take turns, one step
 each, so that a busy machine slows every method alike. Between turns each
 hands its freed heap back to the kernel (so that they all fit in memory) and
-re-warms with an untimed step at its next turn; it also times a square matmul, the peak to compare to (2048 x 2048 float32 on
-CPU, 8192 x 8192 in the benchmark's dtype on accelerators). On accelerators
+re-warms with an untimed step at its next turn; it also times a square
+matmul, the peak to compare to (2048 x 2048 float32 on CPU, 8192 x 8192 in
+the benchmark's dtype on accelerators). On accelerators
 (or with --no-interleave) the configurations run one after another.
 
 Per configuration: compile time; median and min step time over --steps steps
