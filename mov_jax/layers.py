@@ -186,33 +186,60 @@ def _contract_last_first(x: Array, w: Array) -> Array:
 
 @jax.custom_vjp
 def weight_matmul(x: Array, w: Array) -> Array:
-  """`x [..., k] @ w [k, n]` for a parameter `w` with few rows (k < n).
+  """`x [..., k] @ w [k, n]` for a thin parameter `w` (k or n small).
 
   The same product as `jnp.dot`; only the weight gradient `x^T dy` is
-  computed differently: the small `[tokens, k]` operand is transposed
-  explicitly, so that the product is a plain `[k, tokens] x [tokens, n]`
-  matmul. Left to itself, XLA's CPU backend transposes the whole
-  `[tokens, n]` activation gradient instead, which costs more than the
-  matmul when k is a handful of experts or a rank.
+  computed differently. Left to itself, XLA's CPU backend computes it as a
+  matmul contracting the leading (token) axis of both operands, and it
+  either runs that form slowly or transposes the whole activation first;
+  either costs more than the matmul when k or n is a handful of experts or
+  a rank. Here the thin one of the two `[tokens, .]` operands (`x` when
+  k < n, else `dy`) is transposed explicitly, so that the weight gradient
+  is a plain matmul with the token axis inside:
+  `[k, tokens] x [tokens, n]`, or `([n, tokens] x [tokens, k])^T`.
   """
   return _contract_last_first(x, w)
 
 
 def _weight_matmul_fwd(x, w):
-  return _contract_last_first(x, w), (x, w)
+  # With symbolic zeros, `x` and `w` say whether anything differentiates
+  # them: a frozen input (e.g. the embeddings below a first-layer adapter)
+  # then costs no input-gradient matmul, as with JAX's own autodiff.
+  need = (x.perturbed, w.perturbed)
+  return _contract_last_first(x.value, w.value), (x.value, w.value, need)
 
 
 def _weight_matmul_bwd(residuals, dy):
-  x, w = residuals
-  dx = lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
-  # Transpose the small operand ([tokens, k] -> [k, tokens]) explicitly; the
-  # barrier keeps XLA from folding that transpose into the dot.
-  x_t = lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
-  dw = jnp.dot(x_t, dy.reshape(-1, dy.shape[-1]))
-  return dx.astype(x.dtype), dw.astype(w.dtype)
+  x, w, (need_dx, need_dw) = residuals
+  if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+    return None, None
+  dx = dw = None
+  if need_dx:
+    dx = lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
+    dx = dx.astype(x.dtype)
+  if need_dw:
+    dw = _thin_weight_gradient(x, dy, w.shape).astype(w.dtype)
+  return dx, dw
 
 
-weight_matmul.defvjp(_weight_matmul_fwd, _weight_matmul_bwd)
+def _thin_weight_gradient(x: Array, dy: Array, w_shape) -> Array:
+  """`x^T dy` contracted over the token axes, as a matmul with the token
+  axis inside (see `weight_matmul`)."""
+  # Moving the feature axis of the thin operand to the front is a
+  # transpose, not a reshape, so that partitioned token axes stay as they
+  # are; the barriers keep XLA from folding the transposes back into the dot.
+  tokens = tuple(range(x.ndim - 1))
+  feature_first = (x.ndim - 1,) + tokens
+  moved = tuple(range(1, x.ndim))
+  if w_shape[0] <= w_shape[1]:
+    x_t = lax.optimization_barrier(jnp.transpose(x, feature_first))
+    return lax.dot_general(x_t, dy, ((moved, tokens), ((), ())))
+  dy_t = lax.optimization_barrier(jnp.transpose(dy, feature_first))
+  dw_t = lax.dot_general(dy_t, x, ((moved, tokens), ((), ())))
+  return lax.optimization_barrier(dw_t).T
+
+
+weight_matmul.defvjp(_weight_matmul_fwd, _weight_matmul_bwd, symbolic_zeros=True)
 
 
 class Embed(nn.Module):

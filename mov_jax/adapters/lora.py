@@ -74,8 +74,11 @@ class MixtureOfLoRA(nn.Module):
         'lora_b', nn.initializers.zeros, (self.num_experts, self.rank, d_out),
         jnp.float32, axes=('expert', 'rank', out_axis))
 
-    hidden = jnp.einsum('bld,der->bler', x.astype(dtype),
-                        jnp.asarray(lora_a, dtype))
+    rows = self.num_experts * self.rank
+    # 'bld,der->bler' as one 2-D matmul with a thin weight (rank E*r).
+    hidden = layers.weight_matmul(
+        x.astype(dtype), jnp.asarray(lora_a, dtype).reshape(d_in, rows))
+    hidden = hidden.reshape(batch, length, self.num_experts, self.rank)
     if self.router is not None:
       router = routing.Router(num_experts=self.num_experts,
                               config=self.router, name='router')
@@ -86,7 +89,6 @@ class MixtureOfLoRA(nn.Module):
     hidden = layers.with_sharding_constraint(
         hidden, ('batch', 'length', 'expert', 'rank'))
     # 'bler,ero->blo' as one 2-D matmul whose weight gradient stays cheap.
-    rows = self.num_experts * self.rank
     delta = layers.weight_matmul(
         hidden.reshape(batch, length, rows),
         jnp.asarray(lora_b, dtype).reshape(rows, d_out))

@@ -47,6 +47,20 @@ def _expand_mask(mask: Optional[Array], ndim: int) -> Optional[Array]:
       mask.shape + (1,) * (ndim - mask.ndim))
 
 
+def _mean_entropy(probs: Array, token_weights: Optional[Array]) -> Array:
+  """Mean over tokens of the entropy of `probs [..., experts]`.
+
+  One reduction over every element instead of a per-token sum over the
+  (short) expert axis followed by a mean: the same value, but a reduction
+  along an axis of a handful of experts is slow on CPU.
+  """
+  plogp = probs * jnp.log(probs + 1e-9)
+  if token_weights is None:
+    return -jnp.sum(plogp) / (plogp.size // probs.shape[-1])
+  weights = jnp.broadcast_to(token_weights, probs.shape[:-1] + (1,))
+  return -jnp.sum(plogp * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 def top_k_mask(probs: Array, k: int) -> Array:
   """1.0 on exactly the k largest experts of each row (ties by index)."""
   _, idx = lax.top_k(probs, k)
@@ -143,7 +157,8 @@ class Router(nn.Module):
     kernel = layers.param_with_axes(
         'kernel', nn.initializers.normal(stddev=cfg.kernel_stddev), (x.shape[-1], self.num_experts),
         jnp.float32, axes=(input_axes[-1], 'expert'))
-    logits = jnp.dot(x, kernel)
+    # A thin kernel ([features, experts]): see `layers.weight_matmul`.
+    logits = layers.weight_matmul(x, kernel)
     logits = layers.with_sharding_constraint(
         logits, tuple(input_axes[:-1]) + ('expert',))
     probs = jax.nn.softmax(logits, axis=-1)
@@ -175,9 +190,7 @@ class Router(nn.Module):
     top1 = jax.nn.one_hot(jnp.argmax(probs, axis=-1), self.num_experts)
     top1_fraction = _masked_mean(top1, weights, all_but_experts)
     load_balance = self.num_experts * jnp.sum(top1_fraction * mean_probs)
-    entropy = _masked_mean(
-        -jnp.sum(probs * jnp.log(probs + 1e-9), axis=-1, keepdims=True),
-        weights, all_but_experts)[0]
+    entropy = _mean_entropy(probs, weights)
     self.sow('intermediates', 'z_loss', z_loss)
     self.sow('intermediates', 'load_balance_loss', load_balance)
     self.sow('intermediates', 'expert_probability', mean_probs)
