@@ -218,11 +218,11 @@ def _weight_matmul_bwd(residuals, dy):
     dx = lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
     dx = dx.astype(x.dtype)
   if need_dw:
-    dw = _thin_weight_gradient(x, dy, w.shape).astype(w.dtype)
+    dw = _thin_weight_gradient(x, dy).astype(w.dtype)
   return dx, dw
 
 
-def _thin_weight_gradient(x: Array, dy: Array, w_shape) -> Array:
+def _thin_weight_gradient(x: Array, dy: Array) -> Array:
   """`x^T dy` contracted over the token axes, as a matmul with the token
   axis inside (see `weight_matmul`)."""
   # Moving the feature axis of the thin operand to the front is a
@@ -231,7 +231,7 @@ def _thin_weight_gradient(x: Array, dy: Array, w_shape) -> Array:
   tokens = tuple(range(x.ndim - 1))
   feature_first = (x.ndim - 1,) + tokens
   moved = tuple(range(1, x.ndim))
-  if w_shape[0] <= w_shape[1]:
+  if x.shape[-1] <= dy.shape[-1]:  # w has no more rows than columns
     x_t = lax.optimization_barrier(jnp.transpose(x, feature_first))
     return lax.dot_general(x_t, dy, ((moved, tokens), ((), ())))
   dy_t = lax.optimization_barrier(jnp.transpose(dy, feature_first))
