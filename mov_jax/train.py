@@ -27,8 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import seqio
-import tensorflow as tf
 from flax import linen as nn
 from flax import traverse_util
 
@@ -120,8 +118,10 @@ class TrainConfig:
 # -------------------------------------------------------------------- data
 
 
-def make_dataset(cfg: TrainConfig, batch_per_host: int) -> tf.data.Dataset:
-  """Batched, repeated, host-sharded encoder-decoder training data."""
+def make_dataset(cfg: TrainConfig, batch_per_host: int):
+  """Batched, repeated, host-sharded encoder-decoder training data (a
+  `tf.data.Dataset`)."""
+  import seqio  # pylint: disable=g-import-not-at-top
   from mov_jax import tasks  # pylint: disable=g-import-not-at-top
   tasks.get_mixture_or_task(cfg.mixture_or_task_name)  # clear error if absent
   ds = seqio.get_dataset(
@@ -252,12 +252,12 @@ class MetricsLog:
   def __init__(self, model_dir: str, resume_step: int):
     self.path = os.path.join(model_dir, 'train_metrics.jsonl')
     self._primary = jax.process_index() == 0
-    if self._primary and tf.io.gfile.exists(self.path):
+    if self._primary and ts.gfile().exists(self.path):
       # Drop lines of steps that the resumed run will redo.
-      with tf.io.gfile.GFile(self.path) as f:
+      with ts.gfile().GFile(self.path) as f:
         kept = [l for l in f.read().splitlines()
                 if l and json.loads(l)['step'] <= resume_step]
-      with tf.io.gfile.GFile(self.path, 'w') as f:
+      with ts.gfile().GFile(self.path, 'w') as f:
         f.write(''.join(l + '\n' for l in kept))
     self._writer = None
     if self._primary:
@@ -268,7 +268,7 @@ class MetricsLog:
   def write(self, step: int, scalars: Dict[str, float]) -> None:
     if not self._primary:
       return
-    with tf.io.gfile.GFile(self.path, 'a') as f:
+    with ts.gfile().GFile(self.path, 'a') as f:
       f.write(json.dumps({'step': step, **scalars}, sort_keys=True) + '\n')
     self._writer.write_scalars(step, scalars)
 
@@ -300,7 +300,7 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
   mesh = cfg.mesh.make_mesh()
   rules = cfg.mesh.rules
   partitioning.check_batch_size(cfg.batch_size, mesh)
-  tf.io.gfile.makedirs(cfg.model_dir)
+  ts.gfile().makedirs(cfg.model_dir)
   network = cfg.network
   tx = cfg.optimizer.make()
 
@@ -516,8 +516,8 @@ def _check_saved_shapes(manager, step, abstract_state, model_dir):
 
 def _write_run_files(cfg: TrainConfig, state: ts.TrainState) -> None:
   path = os.path.join(cfg.model_dir, 'config.gin')
-  if not tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path, 'w') as f:
+  if not ts.gfile().exists(path):
+    with ts.gfile().GFile(path, 'w') as f:
       f.write(gin.config_str())
   count = lambda t: int(sum(np.prod(x.shape) for x in
                             jax.tree_util.tree_leaves(t)))

@@ -19,8 +19,14 @@ import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorflow as tf
 from etils import epath
+
+
+def gfile():
+  """`tf.io.gfile` (local and gs:// paths), imported on first use: the model
+  and the training step need no TensorFlow, only file and data I/O do."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.gfile
 
 
 @flax.struct.dataclass
@@ -53,11 +59,13 @@ class DatasetCheckpointHandler(ocp.CheckpointHandler):
     return os.fspath(directory / f'iterator-{jax.process_index()}')
 
   def save(self, directory: epath.Path, args: DatasetSave) -> None:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.train.Checkpoint(iterator=args.iterator).write(self._prefix(directory))
 
   def restore(self, directory: epath.Path, args: DatasetRestore) -> Any:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     prefix = self._prefix(directory)
-    if not tf.io.gfile.glob(prefix + '*'):
+    if not gfile().glob(prefix + '*'):
       raise FileNotFoundError(
           f'No input-pipeline state for process {jax.process_index()} in '
           f'{directory}: was the checkpoint written by a run with another '
@@ -144,24 +152,24 @@ def restore(manager: ocp.CheckpointManager, step: int,
 
 
 def write_json(path: str, value) -> None:
-  with tf.io.gfile.GFile(path, 'w') as f:
+  with gfile().GFile(path, 'w') as f:
     f.write(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
 def is_train_checkpoint(path: str) -> bool:
   """Whether `path` is one step directory written by the training binary."""
-  return tf.io.gfile.isdir(os.path.join(path, 'state')) and (
-      tf.io.gfile.isdir(os.path.join(path, 'metadata')) or
-      tf.io.gfile.exists(os.path.join(path, 'metadata')))
+  return gfile().isdir(os.path.join(path, 'state')) and (
+      gfile().isdir(os.path.join(path, 'metadata')) or
+      gfile().exists(os.path.join(path, 'metadata')))
 
 
 def list_train_checkpoints(model_dir: str) -> Dict[int, str]:
   """step -> directory of every finished checkpoint under MODEL_DIR."""
   root = os.path.join(model_dir, 'checkpoints')
-  if not tf.io.gfile.isdir(root):
+  if not gfile().isdir(root):
     return {}
   found = {}
-  for name in tf.io.gfile.listdir(root):
+  for name in gfile().listdir(root):
     name = name.rstrip('/')
     path = os.path.join(root, name)
     if name.isdigit() and is_train_checkpoint(path):
