@@ -367,6 +367,9 @@ class Worker:
     for line in self._proc.stdout:
       if line.startswith(self.PREFIX):
         answer = json.loads(line[len(self.PREFIX):])
+        if 'progress' in answer:  # see `progress`
+          print(f'[{self.label}] {answer["progress"]}', flush=True)
+          continue
         if 'error' in answer:
           raise RuntimeError(f'{self.label}: {answer["error"]}')
         return answer
@@ -384,6 +387,14 @@ class Worker:
       except subprocess.TimeoutExpired:
         self._proc.kill()
     self._stderr.close()
+
+
+def progress(text: str) -> None:
+  """From a child: a line for the parent to print at once (long phases
+  such as building the state, compiling and warming up then show where the
+  time goes, also when a run is stopped before it answers)."""
+  sys.stdout.write(Worker.PREFIX + json.dumps({'progress': text}) + '\n')
+  sys.stdout.flush()
 
 
 def serve(handler: Callable[[Dict[str, Any]], Dict[str, Any]],

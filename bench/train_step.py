@@ -196,12 +196,16 @@ class StepWorker:
         args.size, args.method, batch_size=args.batch_size,
         input_length=args.input_length, target_length=args.target_length,
         dtype=args.dtype, dropout=args.dropout)
+    start = time.perf_counter()
     self.training = common.Training(cfg, seed=args.seed)
     net_cfg = cfg.network.config
     self.batch = self.training.place(common.synthetic_batch(
         args.batch_size, args.input_length, args.target_length,
         net_cfg.vocab_size, args.seed))
+    common.progress(f'state built in {time.perf_counter() - start:.1f}s; '
+                    'compiling the step')
     compiled = self.training.compile(self.batch)
+    common.progress(f'compiled in {compiled["compile_s"]:.1f}s')
     base_trainable = any('_adapter/' not in path for path in
                          traverse_util.flatten_dict(
                              self.training.state.trainable, sep='/'))
@@ -209,8 +213,9 @@ class StepWorker:
                              args.input_length, args.target_length,
                              base_trainable)
     self.losses = []
-    for _ in range(args.warmup):
-      self._step()
+    for i in range(args.warmup):
+      common.progress(f'warm-up step {i + 1}/{args.warmup}: '
+                      f'{self._step():.3f}s')
     self.matmul = common.Matmul(args.dtype, args.matmul_size)
     self.reset_worked = common.reset_peak_memory()
     self.ready = {
@@ -282,12 +287,12 @@ def measure_size(args, size: str) -> List[Dict[str, Any]]:
   running = {}
 
   def start(method):
-    print(f'[{size} {method}] compiling ...', flush=True)
+    print(f'[{size} {method}] starting ...', flush=True)
     worker, ready[method] = common.start_worker(
         SCRIPT, worker_args(args, size, method), label=f'{size} {method}')
     times[method] = {'step_s': [], 'matmul_s': []}
-    print(f'[{size} {method}] compiled in {ready[method]["compile_s"]:.1f}s'
-          f' on {ready[method]["machine"]["device_kind"]}', flush=True)
+    print(f'[{size} {method}] ready on '
+          f'{ready[method]["machine"]["device_kind"]}', flush=True)
     return worker
 
   def stop(method, worker):

@@ -86,9 +86,12 @@ def test_model_flops_equal_the_matmuls_of_the_traced_training_step(method):
 
 def test_train_step_benchmark_writes_the_records_the_issue_names(tmp_path):
   out = tmp_path / 'train_step.json'
-  _run('train_step.py', '--sizes=tiny', '--methods=full,ia3,mov-10',
-       '--steps=2', '--matmuls=1', '--matmul_size=256', *SHAPES,
-       f'--out={out}')
+  flags = ['--sizes=tiny', '--steps=2', '--matmuls=1', '--matmul_size=256',
+           *SHAPES, f'--out={out}']
+  _run('train_step.py', '--methods=full,ia3', *flags)
+  # A second run adds its configuration to the first's (--append).
+  log = _run('train_step.py', '--methods=mov-10', '--append', *flags)
+  assert '[tiny mov-10] warm-up step 1/1:' in log  # progress, as it happens
   records = json.loads(out.read_text())
   steps = {r['method']: r for r in records if r['kind'] == 'train_step'}
   assert set(steps) == {'full', 'ia3', 'mov-10'}
@@ -115,6 +118,43 @@ def test_train_step_benchmark_writes_the_records_the_issue_names(tmp_path):
   # The README's tables come from bench/report.py.
   report = _run('report.py', str(tmp_path))
   assert '| tiny | mov-10 | ' in report and '| tiny | mov-10 / ia3 |' in report
+
+
+def test_append_replaces_only_the_configurations_measured_again(tmp_path):
+  out = tmp_path / 'train_step.json'
+  step = lambda size, method, t: {'kind': 'train_step', 'size': size,
+                                  'method': method, 'step_time_median_s': t}
+  out.write_text(json.dumps([step('tiny', 'ia3', 1.0),
+                             step('tiny', 'mov-10', 9.0),
+                             {'kind': 'target', 'size': 'tiny'}]))
+  merged = train_step.merge_previous(str(out), [step('tiny', 'mov-10', 1.2)])
+  assert merged == [step('tiny', 'ia3', 1.0), step('tiny', 'mov-10', 1.2)]
+  out.write_text('{}')
+  with pytest.raises(ValueError, match='does not hold a list'):
+    train_step.merge_previous(str(out), [])
+
+
+def test_peak_goal_is_the_small_model_on_cpu_and_large_on_accelerators():
+  def record(size, backend):
+    return {'kind': 'train_step', 'size': size, 'method': 'mov-10',
+            'backend': backend, 'peak_fraction': 0.6,
+            'step_time_median_s': 1.0}
+  goals = train_step.targets([record('small', 'cpu'), record('large', 'cpu')])
+  assert [(g['size'], g['goal'], g['met']) for g in goals] == [
+      ('small', '>= 0.75', False)]
+  goals = train_step.targets([record('small', 'gpu'), record('large', 'gpu')])
+  assert [(g['size'], g['goal'], g['met']) for g in goals] == [
+      ('large', '>= 0.5', True)]
+
+
+def test_the_training_step_needs_no_tensorflow():
+  # Accelerator images rarely have TensorFlow: only data and file I/O use it.
+  code = ('import sys, mov_jax.train, mov_jax.network; '
+          'print(sorted(m for m in ("tensorflow", "seqio", "clu") '
+          'if m in sys.modules))')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                        text=True, cwd=ROOT, timeout=300, check=True)
+  assert proc.stdout.strip() == '[]'
 
 
 def test_scaling_benchmark_gives_the_single_device_losses(tmp_path):
