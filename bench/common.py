@@ -171,10 +171,15 @@ class Training:
     return partitioning.host_local_to_global(batch, self.mesh)
 
   def compile(self, batch) -> Dict[str, Optional[float]]:
-    """AOT-compiles the step for `batch`: seconds, XLA's flops and memory."""
+    """AOT-compiles the step for `batch`: seconds, XLA's flops and memory.
+    Raises when the step cannot fit in a device's memory."""
+    from mov_jax import partitioning  # pylint: disable=g-import-not-at-top
     start = time.perf_counter()
     with self.context():
       self.compiled = self.step_fn.lower(self.state, batch).compile()
+    partitioning.check_fits_in_memory(
+        self.compiled, 'This training step',
+        'Use a smaller --batch_size, --input_length or --target_length.')
     return {'compile_s': time.perf_counter() - start,
             'xla_flops_per_step': xla_flops(self.compiled),
             **xla_memory_mb(self.compiled)}
@@ -202,17 +207,13 @@ def xla_flops(compiled) -> Optional[float]:
 
 def xla_memory_mb(compiled) -> Dict[str, float]:
   """XLA's buffer sizes for a compiled computation (per device), in MiB."""
-  try:
-    analysis = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
+  from mov_jax import partitioning  # pylint: disable=g-import-not-at-top
+  need = partitioning.compiled_memory_bytes(compiled)
+  if need is None:
     return {}
-  if analysis is None:
-    return {}
-  total = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes +
-           analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
-  return {'xla_temp_mb': analysis.temp_size_in_bytes / 2 ** 20,
-          'xla_argument_mb': analysis.argument_size_in_bytes / 2 ** 20,
-          'xla_total_mb': total / 2 ** 20}
+  return {'xla_temp_mb': need['temp'] / 2 ** 20,
+          'xla_argument_mb': need['arguments'] / 2 ** 20,
+          'xla_total_mb': need['total'] / 2 ** 20}
 
 
 def synthetic_batch(batch_size: int, input_length: int, target_length: int,

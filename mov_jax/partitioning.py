@@ -8,7 +8,8 @@ step then runs on one CPU, on 8 simulated devices, or on a pod slice.
 """
 
 import dataclasses
-from typing import Any, Optional, Sequence, Tuple
+import os
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax
 import jax
@@ -108,6 +109,56 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     raise ValueError(
         f'BATCH_SIZE={batch_size} is not divisible by the {data} data-parallel '
         'replicas of the mesh; use a multiple of it.')
+
+
+def compiled_memory_bytes(compiled) -> Optional[Dict[str, int]]:
+  """XLA's buffers for one device of a compiled computation, in bytes:
+  `temp`, `arguments` and `total` (temporaries, arguments and outputs, less
+  the outputs that reuse donated arguments); None where XLA does not say."""
+  try:
+    analysis = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if analysis is None:
+    return None
+  return {'temp': analysis.temp_size_in_bytes,
+          'arguments': analysis.argument_size_in_bytes,
+          'total': (analysis.temp_size_in_bytes +
+                    analysis.argument_size_in_bytes +
+                    analysis.output_size_in_bytes -
+                    analysis.alias_size_in_bytes)}
+
+
+def device_memory_bytes() -> Optional[int]:
+  """What one local device can hold: the accelerator's memory limit, or on
+  CPU the host's RAM shared by its (possibly simulated) devices."""
+  device = jax.local_devices()[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    stats = None
+  if stats and stats.get('bytes_limit'):
+    return int(stats['bytes_limit'])
+  if device.platform == 'cpu':
+    ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    return ram // jax.local_device_count()
+  return None
+
+
+def check_fits_in_memory(compiled, what: str, fix: str) -> None:
+  """Raises a clear error, before anything runs, when `compiled` needs more
+  memory per device than a device has (instead of an out-of-memory error,
+  or on CPU the kernel killing the process, in the middle of a run)."""
+  need, limit = compiled_memory_bytes(compiled), device_memory_bytes()
+  if need is None or limit is None or need['total'] <= limit:
+    return
+  gib = 2.0 ** 30
+  raise ValueError(
+      f'{what} needs {need["total"] / gib:.1f} GiB per device '
+      f'({need["temp"] / gib:.1f} GiB of working memory, '
+      f'{need["arguments"] / gib:.1f} GiB of state and batch), but a device '
+      f'({jax.local_devices()[0].device_kind}) has {limit / gib:.1f} GiB. '
+      f'{fix}')
 
 
 def host_local_to_global(batch, mesh: Mesh):

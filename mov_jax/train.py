@@ -364,6 +364,14 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
     step = start_step
     for step in range(start_step, end_step):
       batch = partitioning.host_local_to_global(_next_batch(iterator), mesh)
+      if step == start_step:
+        # Compiled ahead of the first step, to fail before it runs when
+        # the step cannot fit in a device's memory.
+        step_fn = step_fn.lower(state, batch).compile()
+        partitioning.check_fits_in_memory(
+            step_fn, 'The training step',
+            'Use a smaller BATCH_SIZE or TASK_FEATURE_LENGTHS, or more '
+            'devices (a larger mesh shards the batch and the model).')
       state, metrics = step_fn(state, batch)
       window_steps += 1
       done = step + 1

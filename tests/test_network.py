@@ -265,3 +265,19 @@ def test_dropout_is_active_only_when_enabled():
 def test_config_validation_names_the_field():
   with pytest.raises(ValueError, match='num_heads=0'):
     network.T5Config(vocab_size=10, num_heads=0)
+
+
+def test_relative_position_bias_is_a_lookup_without_a_one_hot_constant():
+  qlen = klen = 512
+  module = layers.RelativePositionBiases(num_buckets=32, max_distance=128,
+                                         num_heads=4)
+  params = module.init(jax.random.PRNGKey(0), qlen, klen, True)
+  apply = jax.jit(lambda p: module.apply(p, qlen, klen, True))
+  buckets = layers.relative_position_bucket(
+      np.arange(klen)[None, :] - np.arange(qlen)[:, None], bidirectional=True,
+      num_buckets=32, max_distance=128)
+  table = np.asarray(params['params']['rel_embedding'])
+  np.testing.assert_allclose(apply(params)[0], table[:, buckets], rtol=1e-6)
+  # The program holds the [q, k] bucket ids, not a [q, k, buckets] one-hot
+  # (which would be 32x larger and slow to compile at long lengths).
+  assert len(apply.lower(params).as_text()) < qlen * klen * 32

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from flax import traverse_util
 
 from mov_jax import checkpoints
@@ -220,3 +221,18 @@ def test_two_processes_train_and_resume_with_jax_distributed(tmp_path):
   losses = _losses(model_dir)
   assert sorted(losses) == [1, 2, 3, 4, 5]
   assert all(np.isfinite(v) for v in losses.values())
+
+
+def test_a_computation_too_big_for_a_device_fails_before_it_runs():
+  from mov_jax import partitioning  # pylint: disable=g-import-not-at-top
+  limit = partitioning.device_memory_bytes()
+  side = int((2 * limit / 4) ** 0.5) + 1  # a float32 output of twice that
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  too_big = jax.jit(lambda x: jnp.broadcast_to(x, (side, side)) * 2).lower(
+      jnp.float32(1)).compile()  # compiled only: nothing is allocated
+  with pytest.raises(ValueError, match=r'GiB per device .* has .* GiB\. '
+                     'Use a smaller BATCH_SIZE'):
+    partitioning.check_fits_in_memory(too_big, 'This step',
+                                      'Use a smaller BATCH_SIZE.')
+  fits = jax.jit(lambda x: x * 2).lower(jnp.ones(4)).compile()
+  partitioning.check_fits_in_memory(fits, 'This step', '')
