@@ -48,7 +48,7 @@ def train_step_section(records) -> str:
   steps = [r for r in records if r['kind'] == 'train_step']
   goals = [r for r in records if r['kind'] == 'target']
   first = steps[0]
-  rows = [[r['size'], r['method'], f"{r['step_time_median_s']:.3f}",
+  rows = [[r['size'], r['method'], f"{r['step_time_median_s']:.4g}",
            f"{r['tokens_per_s']:,.0f}", f"{r['flops_per_step'] / 1e9:.1f}",
            f"{r['peak_fraction']:.2f}", f"{r['peak_fraction_median']:.2f}",
            f"{r['peak_memory_mb']:,.0f}", f"{r['xla_total_mb']:,.0f}",
@@ -61,7 +61,8 @@ def train_step_section(records) -> str:
          f"{first['matmul_median_flops'] / 1e9:.0f} GFLOP/s):", '',
          table(rows, ['size', 'method', 'median s', 'tokens/s',
                       'GFLOP/step', 'of peak', 'of peak (medians)',
-                      'peak RSS MB', 'XLA MB', 'trainable'])]
+                      'peak RSS MB' if first.get('backend') == 'cpu' else
+                      'peak device MB', 'XLA MB', 'trainable'])]
   if goals:
     rows = [[g['size'], g['method'], g['field'], f"{g['value']:.3f}",
              g['goal'], 'yes' if g['met'] else '**no**'] for g in goals]
