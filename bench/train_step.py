@@ -195,7 +195,8 @@ class StepWorker:
     cfg = common.train_config(
         args.size, args.method, batch_size=args.batch_size,
         input_length=args.input_length, target_length=args.target_length,
-        dtype=args.dtype, dropout=args.dropout)
+        dtype=args.dtype, dropout=args.dropout,
+        extra_bindings=args.gin_bindings)
     start = time.perf_counter()
     self.training = common.Training(cfg, seed=args.seed)
     net_cfg = cfg.network.config
@@ -264,7 +265,8 @@ def worker_args(args, size: str, method: str) -> List[str]:
           f'--input_length={args.input_length}',
           f'--target_length={args.target_length}', f'--dtype={args.dtype}',
           f'--dropout={args.dropout}', f'--warmup={args.warmup}',
-          f'--seed={args.seed}', f'--matmul_size={args.matmul_size}']
+          f'--seed={args.seed}', f'--matmul_size={args.matmul_size}',
+          *(f'--gin_bindings={b}' for b in args.gin_bindings)]
 
 
 def run_turns(running: Dict[str, Any], steps: int, matmuls: int,
@@ -333,6 +335,7 @@ def measure_size(args, size: str) -> List[Dict[str, Any]]:
         'dtype': args.dtype, 'batch_size': args.batch_size,
         'input_length': args.input_length,
         'target_length': args.target_length, 'dropout': args.dropout,
+        'gin_bindings': list(args.gin_bindings),
         'steps': step['count'], 'warmup': args.warmup,
         'interleaved': interleave == 'yes',
         'compile_s': r['compile_s'],
@@ -456,6 +459,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                       choices=('auto', 'yes', 'no'),
                       help='Keep one process per method alive and take '
                       'turns step by step (auto: on CPU).')
+  parser.add_argument('--gin_bindings', action='append', default=[],
+                      help='A gin binding for every configuration (repeat '
+                      'the flag for more), e.g. "network.T5Config.'
+                      'remat_policy = \'minimal\'".')
   parser.add_argument('--append', action='store_true',
                       help='Keep the records already in --out (of other '
                       'runs of this script on the same machine, e.g. one '

@@ -19,6 +19,27 @@ from mov_jax import layers
 Array = layers.Array
 
 
+# What a layer keeps from the forward pass for the backward pass (t5x's
+# names). 'minimal' keeps the outputs of the projections (matmuls without
+# batch dimensions) and recomputes the rest, chiefly the attention scores
+# and probabilities, `[batch, heads, q, k]` per layer, which dominate the
+# memory at long inputs; 'full' keeps only each layer's input.
+REMAT_POLICIES = {
+    'none': None,
+    'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'full': jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def _layer_class(layer_cls, cfg: 'T5Config', static_argnums):
+  """`layer_cls`, recomputed in the backward pass per `cfg.remat_policy`
+  (the parameters keep their paths)."""
+  if cfg.remat_policy == 'none':
+    return layer_cls
+  return nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat_policy],
+                  static_argnums=static_argnums)
+
+
 @dataclasses.dataclass(frozen=True)
 class T5Config:
   """Shapes and options of a T5 network (t5x's field names).
@@ -39,6 +60,7 @@ class T5Config:
   float32_attention_logits: bool = False
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
+  remat_policy: str = 'none'
 
   def __post_init__(self):
     # Gin hands over lists; keep the config hashable.
@@ -53,6 +75,9 @@ class T5Config:
       problems.append(f'dropout_rate={self.dropout_rate!r} must be in [0, 1)')
     if not self.mlp_activations:
       problems.append('mlp_activations must name at least one activation')
+    if self.remat_policy not in REMAT_POLICIES:
+      problems.append(f'remat_policy={self.remat_policy!r} must be one of '
+                      f'{sorted(REMAT_POLICIES)}')
     if problems:
       raise ValueError('Invalid T5Config: ' + '; '.join(problems) + '.')
 
@@ -180,11 +205,13 @@ class Encoder(nn.Module):
     x = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(
         x, deterministic=deterministic)
     x = x.astype(cfg.dtype)
+    # Arguments by position: `nn.remat` makes `deterministic` (3, counting
+    # the module) static.
+    layer_cls = _layer_class(EncoderLayer, cfg, static_argnums=(3,))
     for lyr in range(cfg.num_encoder_layers):
-      x = EncoderLayer(config=cfg, relative_embedding=rel_emb,
-                       adapters=self.adapters, name=f'layers_{lyr}')(
-                           x, encoder_mask, deterministic,
-                           token_mask=token_mask)
+      x = layer_cls(config=cfg, relative_embedding=rel_emb,
+                    adapters=self.adapters, name=f'layers_{lyr}')(
+                        x, encoder_mask, deterministic, token_mask)
     x = layers.LayerNorm(dtype=cfg.dtype, name='encoder_norm')(x)
     return nn.Dropout(rate=cfg.dropout_rate)(x, deterministic=deterministic)
 
@@ -213,15 +240,17 @@ class Decoder(nn.Module):
     y = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(
         y, deterministic=deterministic)
     y = y.astype(cfg.dtype)
+    # Arguments by position: `nn.remat` makes `deterministic`, `decode` and
+    # `max_decode_length` (5, 6, 7, counting the module) static. Decoding
+    # step by step computes no gradients: no recomputation there.
+    layer_cls = DecoderLayer if decode else _layer_class(
+        DecoderLayer, cfg, static_argnums=(5, 6, 7))
     for lyr in range(cfg.num_decoder_layers):
-      y = DecoderLayer(config=cfg, relative_embedding=rel_emb,
-                       adapters=self.adapters, name=f'layers_{lyr}')(
-                           y, encoded, decoder_mask=decoder_mask,
-                           encoder_decoder_mask=encoder_decoder_mask,
-                           deterministic=deterministic, decode=decode,
-                           max_decode_length=max_decode_length,
-                           token_mask=decoder_token_mask,
-                           encoder_token_mask=encoder_token_mask)
+      y = layer_cls(config=cfg, relative_embedding=rel_emb,
+                    adapters=self.adapters, name=f'layers_{lyr}')(
+                        y, encoded, decoder_mask, encoder_decoder_mask,
+                        deterministic, decode, max_decode_length,
+                        decoder_token_mask, encoder_token_mask)
     y = layers.LayerNorm(dtype=cfg.dtype, name='decoder_norm')(y)
     y = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(
         y, deterministic=deterministic)
