@@ -76,7 +76,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -282,11 +282,16 @@ def run_turns(running: Dict[str, Any], steps: int, matmuls: int,
         f'{m} {times[m]["step_s"][-1]:.3f}s' for m in running), flush=True)
 
 
-def measure_size(args, size: str) -> List[Dict[str, Any]]:
-  """Records of every method of one size."""
+def measure_size(args, size: str, on_record: Callable[[Dict[str, Any]], None],
+                 past_deadline: Callable[[], bool]) -> None:
+  """Measures every method of one size, handing each record to
+  `on_record` as soon as it is complete (at once after each configuration
+  when they run one after another). Starts no configuration once
+  `past_deadline()`."""
   ready, finish, times = {}, {}, {}
   interleave = args.interleave
   running = {}
+  measured = []
 
   def start(method):
     print(f'[{size} {method}] starting ...', flush=True)
@@ -303,7 +308,12 @@ def measure_size(args, size: str) -> List[Dict[str, Any]]:
 
   try:
     for method in args.methods:
+      if past_deadline():
+        print(f'[{size} {method}] not started: past --deadline_s',
+              flush=True)
+        continue
       worker = start(method)
+      measured.append(method)
       if interleave == 'auto':
         interleave = ('yes' if ready[method]['machine']['backend'] == 'cpu'
                       else 'no')
@@ -312,61 +322,69 @@ def measure_size(args, size: str) -> List[Dict[str, Any]]:
       else:
         run_turns({method: worker}, args.steps, args.matmuls, times)
         stop(method, worker)
+        on_record(make_record(args, size, method, ready[method],
+                              finish[method], times[method]['step_s'],
+                              times[method]['matmul_s'], interleaved=False))
     if running:
       run_turns(running, args.steps, args.matmuls, times)
       for method, worker in list(running.items()):
         stop(method, worker)
         del running[method]
+      matmul_all = [t for m in measured for t in times[m]['matmul_s']]
+      for method in measured:
+        on_record(make_record(args, size, method, ready[method],
+                              finish[method], times[method]['step_s'],
+                              matmul_all, interleaved=True))
   finally:
     for worker in running.values():
       worker.close()
 
-  matmul_all = [t for m in args.methods for t in times[m]['matmul_s']]
-  records = []
-  for method in args.methods:
-    r, f, t = ready[method], finish[method], times[method]
-    step, mm = common.stats(t['step_s']), common.stats(
-        matmul_all if interleave == 'yes' else t['matmul_s'])
-    flops = r['flops_per_step']
-    matmul_flops = 2.0 * r['matmul_size'] ** 3
-    peak, peak_best = matmul_flops / mm['median'], matmul_flops / mm['min']
-    records.append({
-        'kind': 'train_step', 'size': size, 'method': method,
-        'dtype': args.dtype, 'batch_size': args.batch_size,
-        'input_length': args.input_length,
-        'target_length': args.target_length, 'dropout': args.dropout,
-        'gin_bindings': list(args.gin_bindings),
-        'steps': step['count'], 'warmup': args.warmup,
-        'interleaved': interleave == 'yes',
-        'compile_s': r['compile_s'],
-        'step_time_median_s': step['median'], 'step_time_min_s': step['min'],
-        'step_time_max_s': step['max'],
-        'tokens_per_s': args.batch_size * (
-            args.input_length + args.target_length) / step['median'],
-        'flops_per_step': flops, 'flops_forward': r['flops_forward'],
-        'xla_flops_per_step': r['xla_flops_per_step'],
-        'flops_per_s': flops / step['median'],
-        'matmul_size': r['matmul_size'], 'matmul_peak_flops': peak_best,
-        'matmul_median_flops': peak,
-        'peak_fraction': flops / step['min'] / peak_best,
-        'peak_fraction_median': flops / step['median'] / peak,
-        'peak_memory_mb': f['peak_memory_mb'],
-        'peak_memory_kind': f['peak_memory_kind'],
-        'peak_rss_lifetime_mb': f['peak_rss_lifetime_mb'],
-        'rss_at_start_mb': r['rss_at_start_mb'],
-        'rss_before_steps_mb': r['rss_before_steps_mb'],
-        'xla_temp_mb': r.get('xla_temp_mb'),
-        'xla_argument_mb': r.get('xla_argument_mb'),
-        'xla_total_mb': r.get('xla_total_mb'),
-        'trainable_params': r['trainable_params'],
-        'total_params': r['total_params'],
-        'trainable_percent': 100.0 * r['trainable_params'] / r[
-            'total_params'],
-        'loss_first': f['losses'][0], 'loss_last': f['losses'][-1],
-        'load_average_start': r['machine']['load_average'],
-        'load_average_end': list(os.getloadavg()),
-        **{k: v for k, v in r['machine'].items() if k != 'load_average'}})
-  return records
+
+def make_record(args, size: str, method: str, r: Dict[str, Any],
+                f: Dict[str, Any], step_s: List[float],
+                matmul_s: List[float], interleaved: bool) -> Dict[str, Any]:
+  """The record of one configuration from its worker's ready (`r`) and
+  finish (`f`) answers and its timings."""
+  step, mm = common.stats(step_s), common.stats(matmul_s)
+  flops = r['flops_per_step']
+  matmul_flops = 2.0 * r['matmul_size'] ** 3
+  peak, peak_best = matmul_flops / mm['median'], matmul_flops / mm['min']
+  return {
+    'kind': 'train_step', 'size': size, 'method': method,
+    'dtype': args.dtype, 'batch_size': args.batch_size,
+    'input_length': args.input_length,
+    'target_length': args.target_length, 'dropout': args.dropout,
+    'gin_bindings': list(args.gin_bindings),
+    'steps': step['count'], 'warmup': args.warmup,
+    'interleaved': interleaved,
+    'compile_s': r['compile_s'],
+    'step_time_median_s': step['median'], 'step_time_min_s': step['min'],
+    'step_time_max_s': step['max'],
+    'tokens_per_s': args.batch_size * (
+        args.input_length + args.target_length) / step['median'],
+    'flops_per_step': flops, 'flops_forward': r['flops_forward'],
+    'xla_flops_per_step': r['xla_flops_per_step'],
+    'flops_per_s': flops / step['median'],
+    'matmul_size': r['matmul_size'], 'matmul_peak_flops': peak_best,
+    'matmul_median_flops': peak,
+    'peak_fraction': flops / step['min'] / peak_best,
+    'peak_fraction_median': flops / step['median'] / peak,
+    'peak_memory_mb': f['peak_memory_mb'],
+    'peak_memory_kind': f['peak_memory_kind'],
+    'peak_rss_lifetime_mb': f['peak_rss_lifetime_mb'],
+    'rss_at_start_mb': r['rss_at_start_mb'],
+    'rss_before_steps_mb': r['rss_before_steps_mb'],
+    'xla_temp_mb': r.get('xla_temp_mb'),
+    'xla_argument_mb': r.get('xla_argument_mb'),
+    'xla_total_mb': r.get('xla_total_mb'),
+    'trainable_params': r['trainable_params'],
+    'total_params': r['total_params'],
+    'trainable_percent': 100.0 * r['trainable_params'] / r[
+        'total_params'],
+    'loss_first': f['losses'][0], 'loss_last': f['losses'][-1],
+    'load_average_start': r['machine']['load_average'],
+    'load_average_end': list(os.getloadavg()),
+    **{k: v for k, v in r['machine'].items() if k != 'load_average'}}
 
 
 # The issue's goals: (numerator, denominator, field, at most).
@@ -418,9 +436,28 @@ def merge_previous(path: str, records: List[Dict[str, Any]]):
   if not isinstance(previous, list):
     raise ValueError(f'--append: {path} does not hold a list of benchmark '
                      'records; give another --out.')
+  return merge_previous_records(
+      [r for r in previous if r.get('kind') == 'train_step'], records)
+
+
+def merge_previous_records(previous: List[Dict[str, Any]],
+                           records: List[Dict[str, Any]]):
+  """`previous` less the configurations `records` measured again, then
+  `records`."""
   measured = {(r['size'], r['method']) for r in records}
-  return [r for r in previous if r.get('kind') == 'train_step' and
-          (r['size'], r['method']) not in measured] + records
+  return [r for r in previous
+          if (r['size'], r['method']) not in measured] + records
+
+
+def save_json(path: str, records: List[Dict[str, Any]]) -> None:
+  """`records` and their goals, written to `path` in place of its
+  contents (through a temporary file, so a run stopped meanwhile leaves the
+  previous version whole)."""
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(records + targets(records), f, indent=2)
+    f.write('\n')
+  os.replace(tmp, path)
 
 
 COLUMNS = (('size', 'size', 's'), ('method', 'method', 's'),
@@ -469,6 +506,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                       'method per run) and add this run\'s, replacing '
                       'those of the same size and method; the goals are '
                       'computed over all of them.')
+  parser.add_argument('--deadline_s', type=float, default=0,
+                      help='Start no configuration after this many seconds '
+                      '(0: no deadline); --out holds each configuration as '
+                      'soon as it is measured, so a run stopped later keeps '
+                      'what it finished.')
   parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--size', help=argparse.SUPPRESS)
   parser.add_argument('--method', help=argparse.SUPPRESS)
@@ -483,11 +525,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.error('--steps must be positive.')
 
   start = time.time()
+  previous = merge_previous(args.out, []) if args.append else []
   records = []
+
+  def on_record(record):
+    # Written at once, so that a run stopped later keeps what it measured.
+    records.append(record)
+    if args.out:
+      save_json(args.out, merge_previous_records(previous, records))
+
+  past_deadline = lambda: bool(args.deadline_s) and (
+      time.time() - start > args.deadline_s)
   for size in args.sizes:
-    records += measure_size(args, size)
-  if args.append:
-    records = merge_previous(args.out, records)
+    measure_size(args, size, on_record, past_deadline)
+  if not records:
+    print('No configuration was measured.')
+    return 1
+  records = merge_previous_records(previous, records)
   goals = targets(records)
   print(f'\n{records[0]["device_kind"]} ({records[0]["cpu_model"]}, '
         f'{records[0]["cpu_cores"]} cores), jax {records[0]["jax_version"]}, '

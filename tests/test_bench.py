@@ -134,6 +134,15 @@ def test_append_replaces_only_the_configurations_measured_again(tmp_path):
     train_step.merge_previous(str(out), [])
 
 
+def test_no_configuration_starts_past_the_deadline(capsys):
+  import argparse  # pylint: disable=g-import-not-at-top
+  args = argparse.Namespace(interleave='auto', methods=['ia3', 'mov-10'])
+  got = []
+  train_step.measure_size(args, 'tiny', got.append, lambda: True)
+  assert not got
+  assert capsys.readouterr().out.count('not started: past --deadline_s') == 2
+
+
 def test_peak_goal_is_the_small_model_on_cpu_and_large_on_accelerators():
   def record(size, backend):
     return {'kind': 'train_step', 'size': size, 'method': 'mov-10',
