@@ -189,8 +189,8 @@ def weight_matmul(x: Array, w: Array) -> Array:
   """`x [..., k] @ w [k, n]` for a thin parameter `w` (k or n small).
 
   The same product as `jnp.dot`; only the weight gradient `x^T dy` is
-  computed differently. Left to itself, XLA's CPU backend computes it as a
-  matmul contracting the leading (token) axis of both operands, and it
+  computed differently on CPU. Left to itself, XLA's CPU backend computes it
+  as a matmul contracting the leading (token) axis of both operands, and it
   either runs that form slowly or transposes the whole activation first;
   either costs more than the matmul when k or n is a handful of experts or
   a rank. Here the thin one of the two `[tokens, .]` operands (`x` when
@@ -218,17 +218,24 @@ def _weight_matmul_bwd(residuals, dy):
     dx = lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
     dx = dx.astype(x.dtype)
   if need_dw:
-    dw = _thin_weight_gradient(x, dy).astype(w.dtype)
+    dw = _thin_weight_gradient(
+        x, dy, token_axis_inside=jax.default_backend() == 'cpu')
+    dw = dw.astype(w.dtype)
   return dx, dw
 
 
-def _thin_weight_gradient(x: Array, dy: Array) -> Array:
-  """`x^T dy` contracted over the token axes, as a matmul with the token
-  axis inside (see `weight_matmul`)."""
+def _thin_weight_gradient(x: Array, dy: Array,
+                          token_axis_inside: bool) -> Array:
+  """`x^T dy` contracted over the token axes; with `token_axis_inside`, as
+  a matmul with the token axis inside (see `weight_matmul`), the form
+  XLA:CPU runs fast. Accelerators' matmuls take a transposed operand at no
+  cost, so there the plain contraction does, without extra transposes."""
+  tokens = tuple(range(x.ndim - 1))
+  if not token_axis_inside:
+    return lax.dot_general(x, dy, ((tokens, tokens), ((), ())))
   # Moving the feature axis of the thin operand to the front is a
   # transpose, not a reshape, so that partitioned token axes stay as they
   # are; the barriers keep XLA from folding the transposes back into the dot.
-  tokens = tuple(range(x.ndim - 1))
   feature_first = (x.ndim - 1,) + tokens
   moved = tuple(range(1, x.ndim))
   if x.shape[-1] <= dy.shape[-1]:  # w has no more rows than columns

@@ -384,3 +384,22 @@ def test_mixture_without_router_needs_one_expert():
         jax.random.PRNGKey(0), x, x, **kw)
   with pytest.raises(TypeError, match='with parentheses'):
     layers.AdapterSites(key=lora.MixtureOfLoRA)
+
+
+@pytest.mark.parametrize('k,n', [(3, 40), (40, 3)], ids=['thin_x', 'thin_dy'])
+def test_weight_matmul_gradients_equal_a_plain_matmul(k, n):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, k))
+  w = jax.random.normal(jax.random.PRNGKey(1), (k, n))
+  g = jax.random.normal(jax.random.PRNGKey(2), (2, 5, n))
+  ours = jax.grad(lambda x, w: jnp.sum(layers.weight_matmul(x, w) * g),
+                  argnums=(0, 1))(x, w)
+  plain = jax.grad(lambda x, w: jnp.sum(jnp.dot(x, w) * g),
+                   argnums=(0, 1))(x, w)
+  for a, b in zip(ours, plain):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # The CPU form (token axis inside) and the accelerators' (a plain
+  # contraction) are the same weight gradient.
+  np.testing.assert_allclose(
+      layers._thin_weight_gradient(x, g, token_axis_inside=True),  # pylint: disable=protected-access
+      layers._thin_weight_gradient(x, g, token_axis_inside=False),  # pylint: disable=protected-access
+      rtol=1e-5, atol=1e-5)
