@@ -453,14 +453,22 @@ def add_shape_flags(parser) -> None:
 # ------------------------------------------------------------------ output
 
 
+def save_records(path: str, records: List[Dict[str, Any]]) -> None:
+  """Writes the records to `path` through a temporary file and a rename, so
+  that a run stopped meanwhile leaves the previous version whole."""
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(records, f, indent=2)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
 def write_json(path: str, records: List[Dict[str, Any]]) -> None:
   """Writes the records (if `path`), then, on CPU without the malloc settings
   of `mov_jax.host_memory`, the note that the steps above ran slower than
   they need to."""
   if path:
-    with open(path, 'w', encoding='utf-8') as f:
-      json.dump(records, f, indent=2)
-      f.write('\n')
+    save_records(path, records)
     print(f'wrote {len(records)} records to {path}')
   import jax  # pylint: disable=g-import-not-at-top
   from mov_jax import host_memory  # pylint: disable=g-import-not-at-top

@@ -426,38 +426,26 @@ def targets(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
   return out
 
 
-def merge_previous(path: str, records: List[Dict[str, Any]]):
-  """The `train_step` records already in `path` (if it exists) that this
-  run did not measure again, followed by this run's records."""
+def previous_records(path: str) -> List[Dict[str, Any]]:
+  """The `train_step` records already in `path` (none if it does not
+  exist)."""
   if not path or not os.path.exists(path):
-    return records
+    return []
   with open(path, encoding='utf-8') as f:
     previous = json.load(f)
   if not isinstance(previous, list):
     raise ValueError(f'--append: {path} does not hold a list of benchmark '
                      'records; give another --out.')
-  return merge_previous_records(
-      [r for r in previous if r.get('kind') == 'train_step'], records)
+  return [r for r in previous if r.get('kind') == 'train_step']
 
 
-def merge_previous_records(previous: List[Dict[str, Any]],
-                           records: List[Dict[str, Any]]):
+def merge_records(previous: List[Dict[str, Any]],
+                  records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
   """`previous` less the configurations `records` measured again, then
   `records`."""
   measured = {(r['size'], r['method']) for r in records}
   return [r for r in previous
           if (r['size'], r['method']) not in measured] + records
-
-
-def save_json(path: str, records: List[Dict[str, Any]]) -> None:
-  """`records` and their goals, written to `path` in place of its
-  contents (through a temporary file, so a run stopped meanwhile leaves the
-  previous version whole)."""
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(records + targets(records), f, indent=2)
-    f.write('\n')
-  os.replace(tmp, path)
 
 
 COLUMNS = (('size', 'size', 's'), ('method', 'method', 's'),
@@ -525,14 +513,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.error('--steps must be positive.')
 
   start = time.time()
-  previous = merge_previous(args.out, []) if args.append else []
+  previous = previous_records(args.out) if args.append else []
   records = []
 
   def on_record(record):
     # Written at once, so that a run stopped later keeps what it measured.
     records.append(record)
     if args.out:
-      save_json(args.out, merge_previous_records(previous, records))
+      merged = merge_records(previous, records)
+      common.save_records(args.out, merged + targets(merged))
 
   past_deadline = lambda: bool(args.deadline_s) and (
       time.time() - start > args.deadline_s)
@@ -541,7 +530,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   if not records:
     print('No configuration was measured.')
     return 1
-  records = merge_previous_records(previous, records)
+  records = merge_records(previous, records)
   goals = targets(records)
   print(f'\n{records[0]["device_kind"]} ({records[0]["cpu_model"]}, '
         f'{records[0]["cpu_cores"]} cores), jax {records[0]["jax_version"]}, '

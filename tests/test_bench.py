@@ -127,11 +127,12 @@ def test_append_replaces_only_the_configurations_measured_again(tmp_path):
   out.write_text(json.dumps([step('tiny', 'ia3', 1.0),
                              step('tiny', 'mov-10', 9.0),
                              {'kind': 'target', 'size': 'tiny'}]))
-  merged = train_step.merge_previous(str(out), [step('tiny', 'mov-10', 1.2)])
+  merged = train_step.merge_records(train_step.previous_records(str(out)),
+                                    [step('tiny', 'mov-10', 1.2)])
   assert merged == [step('tiny', 'ia3', 1.0), step('tiny', 'mov-10', 1.2)]
   out.write_text('{}')
   with pytest.raises(ValueError, match='does not hold a list'):
-    train_step.merge_previous(str(out), [])
+    train_step.previous_records(str(out))
 
 
 def test_no_configuration_starts_past_the_deadline(capsys):
