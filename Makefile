@@ -43,6 +43,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	mkdir -p $(BENCH_OUT)
 	$(TUNED) $(BIN)/python bench/train_step.py --out=$(BENCH_OUT)/train_step.json
+	$(TUNED) $(BIN)/python bench/matmul_floor.py --out=$(BENCH_OUT)/matmul_floor.json
 	$(TUNED) $(BIN)/python bench/packing.py --out=$(BENCH_OUT)/packing.json
 	$(TUNED) $(BIN)/python bench/scaling.py --out=$(BENCH_OUT)/scaling.json
 	$(TUNED) $(BIN)/python bench/scoring.py --out=$(BENCH_OUT)/scoring.json

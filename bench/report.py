@@ -2,9 +2,9 @@
 
     python bench/report.py bench/results/latest
 
-Reads what `make bench` writes there (train_step.json, packing.json,
-scaling.json, scoring.json; any of them may be missing) and prints one
-Markdown table per benchmark, with the machine and code version they ran on.
+Reads what `make bench` writes there (train_step.json, matmul_floor.json,
+packing.json, scaling.json, scoring.json; any of them may be missing) and
+prints one Markdown table per benchmark, with the machine and code version they ran on.
 """
 
 import argparse
@@ -111,8 +111,26 @@ def scoring_section(records) -> str:
       table(rows, ['method', 'median ms', 'examples/s', 'speed-up'])])
 
 
+def matmul_floor_section(records) -> str:
+  first = records[0]
+  rows = [[r['size'], r['method'], f"{r['matmuls']:,}",
+           f"{r['matmul_flops_per_step'] / 1e9:.1f}",
+           f"{r['traced_layouts_s']:.3f}", f"{r['floor_s']:.3f}",
+           f"{r['floor_flops_per_s'] / 1e9:.0f}",
+           f"{r['matmul_peak_fraction']:.2f}",
+           f"{r['max_peak_fraction']:.2f}"] for r in records]
+  return '\n'.join([
+      f"The training step's matmuls, each timed alone ({first['dtype']}, "
+      f"batch {first['batch_size']}, {first['input_length']} input / "
+      f"{first['target_length']} target tokens; {machine(first)}; matmul "
+      f"peak {first['matmul_peak_flops'] / 1e9:.0f} GFLOP/s):", '',
+      table(rows, ['size', 'method', 'matmuls', 'GFLOP', 'as traced s',
+                   'floor s', 'GFLOP/s', 'of peak', 'max peak_fraction'])])
+
+
 SECTIONS: Tuple[Tuple[str, Any], ...] = (
     ('train_step.json', train_step_section),
+    ('matmul_floor.json', matmul_floor_section),
     ('packing.json', packing_section),
     ('scaling.json', scaling_section),
     ('scoring.json', scoring_section))

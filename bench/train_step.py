@@ -60,9 +60,8 @@ first self-attention layers' inputs (the embeddings), and there the query's
 in the attention scores unless the query has an adapter. So full
 fine-tuning is ~3x forward and the adapter methods ~2x.
 tests/test_bench.py checks this count against the matmuls of the traced
-training step: equal for every method but MoV, whose per-head mix on CPU
-multiplies by a block-diagonal matrix (more executed FLOPs than the model's). Elementwise work (norms, softmax, GELU, the optimizer)
-is not counted. XLA's count (`xla_flops_per_step`) also includes that, and
+training step: equal for every method. Elementwise work (norms, softmax,
+GELU, the optimizer) is not counted. XLA's count (`xla_flops_per_step`) also includes that, and
 whatever else the compiled step does.
 
 Not a test: speed depends on the machine and its load. --out FILE.json
@@ -118,10 +117,10 @@ def train_step_flops(config, adapters, batch_size: int, input_length: int,
       if template.router is not None:
         e = template.num_experts
         routed = n_out if template.router_input == vectors.ADAPTED else n_in
-        # The router's input is the adapted output (whose gradient is
-        # needed) or the site's input.
-        dense(tokens, routed, e, adapters_trainable,
-              input_grad or template.router_input == vectors.ADAPTED)
+        # The router's input is the adapted output or the site's input:
+        # either needs its gradient only when the site's input does (the
+        # projection between them is frozen).
+        dense(tokens, routed, e, adapters_trainable, input_grad)
         dense(tokens, e, n_out, adapters_trainable)  # merge of the vectors
     elif isinstance(template, lora.MixtureOfLoRA):
       e, r = template.num_experts, template.rank
@@ -183,6 +182,20 @@ def train_step_flops(config, adapters, batch_size: int, input_length: int,
           'total': forward + backward}
 
 
+def step_model_flops(training: common.Training, batch_size: int,
+                     input_length: int, target_length: int
+                     ) -> Dict[str, float]:
+  """`train_step_flops` of a `common.Training`: the base model's weight
+  gradients count when anything outside the adapters trains."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  base_trainable = any('_adapter/' not in path for path in
+                       traverse_util.flatten_dict(training.state.trainable,
+                                                  sep='/'))
+  return train_step_flops(training.cfg.network.config,
+                          training.cfg.network.adapters, batch_size,
+                          input_length, target_length, base_trainable)
+
+
 # ------------------------------------------------------------------ worker
 
 
@@ -190,7 +203,6 @@ class StepWorker:
   """The child process of one configuration."""
 
   def __init__(self, args):
-    from flax import traverse_util  # pylint: disable=g-import-not-at-top
     rss_at_start = common.rss_mb()
     cfg = common.train_config(
         args.size, args.method, batch_size=args.batch_size,
@@ -207,12 +219,8 @@ class StepWorker:
                     'compiling the step')
     compiled = self.training.compile(self.batch)
     common.progress(f'compiled in {compiled["compile_s"]:.1f}s')
-    base_trainable = any('_adapter/' not in path for path in
-                         traverse_util.flatten_dict(
-                             self.training.state.trainable, sep='/'))
-    flops = train_step_flops(net_cfg, cfg.network.adapters, args.batch_size,
-                             args.input_length, args.target_length,
-                             base_trainable)
+    flops = step_model_flops(self.training, args.batch_size,
+                             args.input_length, args.target_length)
     self.losses = []
     for i in range(args.warmup):
       common.progress(f'warm-up step {i + 1}/{args.warmup}: '

@@ -14,12 +14,12 @@ import sys
 import jax
 import pytest
 from flax import traverse_util
-from jax.extend import core as jax_core
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, 'bench')
 sys.path.insert(0, BENCH)
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import matmul_floor  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SHAPES = ['--batch_size=4', '--input_length=32', '--target_length=8']
@@ -37,20 +37,8 @@ def _run(script, *flags, timeout=600):
 def _dot_flops(jaxpr) -> float:
   """2 * output size * contracted size of every dot_general, sub-jaxprs
   (jit, custom VJPs, scans) included."""
-  total = 0.0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == 'dot_general':
-      (contract, _), _ = eqn.params['dimension_numbers']
-      lhs = eqn.invars[0].aval.shape
-      total += (2.0 * math.prod(eqn.outvars[0].aval.shape) *
-                math.prod(lhs[i] for i in contract))
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else [param]:
-        if isinstance(sub, jax_core.ClosedJaxpr):
-          total += _dot_flops(sub.jaxpr)
-        elif isinstance(sub, jax_core.Jaxpr):
-          total += _dot_flops(sub)
-  return total
+  return sum(count * dot.flops()
+             for dot, count in matmul_floor.step_dots(jaxpr).items())
 
 
 @pytest.mark.parametrize('method', ['full', 'ia3', 'lora', 'molora-10',
@@ -76,12 +64,7 @@ def test_model_flops_equal_the_matmuls_of_the_traced_training_step(method):
   # Not model FLOPs: AVERAGE_PER_SEQUENCE counts each target's segment
   # length with a [b, lt, lt] x [b, lt] einsum.
   model += 2.0 * batch * targets * targets
-  if method == 'mov-10':
-    # On CPU the per-head mix multiplies by a block-diagonal matrix (heads x
-    # the model FLOPs of the mix); everything else is counted exactly.
-    assert model < executed < 1.06 * model
-  else:
-    assert executed == model
+  assert executed == model
 
 
 def test_train_step_benchmark_writes_the_records_the_issue_names(tmp_path):
@@ -118,6 +101,53 @@ def test_train_step_benchmark_writes_the_records_the_issue_names(tmp_path):
   # The README's tables come from bench/report.py.
   report = _run('report.py', str(tmp_path))
   assert '| tiny | mov-10 | ' in report and '| tiny | mov-10 / ia3 |' in report
+
+
+def test_step_dots_counts_jit_scan_and_batched_matmuls():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def fn(x, w, a, b, s):
+    y = jax.jit(jnp.matmul)(x, w)  # [4, 8] x [8, 16]
+    z = jnp.einsum('bmk,bkn->bmn', a, b)  # batch 2 of [3, 5] x [5, 7]
+    s, _ = jax.lax.scan(lambda c, _: (c @ c, None), s, length=3)  # [4, 4]
+    return y, z, s
+
+  args = (jnp.ones((4, 8)), jnp.ones((8, 16)), jnp.ones((2, 3, 5)),
+          jnp.ones((2, 5, 7)), jnp.ones((4, 4)))
+  dots = matmul_floor.step_dots(jax.make_jaxpr(fn)(*args).jaxpr)
+  by_flops = {dot.flops(): count for dot, count in dots.items()}
+  assert by_flops == {2 * 4 * 8 * 16: 1, 2 * 2 * 3 * 5 * 7: 1,
+                      2 * 4 * 4 * 4: 3}
+  batched = next(d for d in dots if d.lhs_shape == (2, 3, 5))
+  assert 'batch [0]x[0]' in batched.describe()
+  timing = matmul_floor.time_dot(batched, repeats=2)
+  assert 0 < timing['best_s'] <= timing['traced_s']
+
+
+def test_matmul_floor_benchmark_bounds_the_peak_fraction(tmp_path):
+  out = tmp_path / 'matmul_floor.json'
+  _run('matmul_floor.py', '--sizes=tiny', '--methods=ia3,mov-10',
+       '--repeats=1', '--matmuls=1', '--matmul_size=256', '--slowest=3',
+       *SHAPES, f'--out={out}')
+  records = {r['method']: r for r in json.loads(out.read_text())}
+  assert set(records) == {'ia3', 'mov-10'}
+  for r in records.values():
+    assert r['kind'] == 'matmul_floor'
+    assert 0 < r['floor_s'] <= r['traced_layouts_s']
+    assert r['distinct_matmuls'] <= r['matmuls']
+    # Every matmul FLOP the model counts is in the traced step's matmuls.
+    assert r['matmul_flops_per_step'] >= r['flops_per_step']
+    assert r['max_peak_fraction'] == pytest.approx(
+        r['flops_per_step'] / r['floor_s'] / r['matmul_peak_flops'])
+    slowest = [s['seconds'] for s in r['slowest']]
+    assert len(slowest) == 3 and slowest == sorted(slowest, reverse=True)
+    assert sum(slowest) <= r['floor_s']
+  # MoV adds its routers' and mixes' matmuls to IA3's.
+  assert records['mov-10']['matmuls'] > records['ia3']['matmuls']
+  assert (records['mov-10']['matmul_flops_per_step'] >
+          records['ia3']['matmul_flops_per_step'])
+  report = _run('report.py', str(tmp_path))
+  assert '| tiny | mov-10 | ' in report and 'max peak_fraction' in report
 
 
 def test_append_replaces_only_the_configurations_measured_again(tmp_path):
