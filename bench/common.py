@@ -17,6 +17,7 @@
 * `add_shape_flags`, `report`: the flags and the output the scripts share.
 """
 
+import contextlib
 import ctypes
 import json
 import os
@@ -300,6 +301,50 @@ def rss_mb() -> float:
     return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
 
 
+# mallopt(3) parameters of glibc's malloc.h.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+# glibc's default trim and mmap thresholds and mmap count.
+_DEFAULT_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+
+
+@contextlib.contextmanager
+def unpooled_malloc():
+  """Inside, glibc's malloc hands large blocks and freed memory back to the
+  kernel as with its default settings; after, the settings of
+  `mov_jax.host_memory` (which keep every page) apply again.
+
+  With those settings the heap only grows and fragments, so the host RSS
+  peak of a few steps depends on the order of earlier allocations (the same
+  configuration measured 2.4 or 3.2 GB); without them it follows the
+  memory the steps hold. Does nothing where those settings are not in use
+  (then glibc's defaults already apply) or malloc is not glibc's.
+  """
+  from mov_jax import host_memory  # pylint: disable=g-import-not-at-top
+  tuned = host_memory.parse(os.environ.get(host_memory.ENV, ''))
+  mmap_max = tuned.get('glibc.malloc.mmap_max')
+  trim = tuned.get('glibc.malloc.trim_threshold')
+  try:
+    mallopt = ctypes.CDLL('libc.so.6').mallopt
+  except (OSError, AttributeError):
+    mallopt = None
+  if mallopt is None or (mmap_max is None and trim is None):
+    yield
+    return
+  mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+  mallopt(_M_MMAP_THRESHOLD, _DEFAULT_THRESHOLD)
+  mallopt(_M_TRIM_THRESHOLD, _DEFAULT_THRESHOLD)
+  trim_malloc()
+  try:
+    yield
+  finally:
+    if mmap_max is not None:
+      mallopt(_M_MMAP_MAX, int(mmap_max))
+    if trim is not None:
+      # mallopt takes an int, which glibc converts to a size_t: -1 stands
+      # for "never" (1 TiB, the tunable's value, does not fit).
+      mallopt(_M_TRIM_THRESHOLD, int(trim) if int(trim) < 2 ** 31 else -1)
+
+
 def reset_peak_memory() -> bool:
   """Starts a new host-RSS peak here (Linux: /proc/self/clear_refs 5), after
   handing freed heap back, so that compilation's peak does not count."""
@@ -329,7 +374,7 @@ def peak_memory(reset_worked: bool) -> Dict[str, Any]:
     out['peak_memory_kind'] = 'device peak_bytes_in_use'
   elif reset_worked and _vm_hwm_mb() is not None:
     out['peak_memory_mb'] = _vm_hwm_mb()
-    out['peak_memory_kind'] = 'host RSS peak during the timed steps'
+    out['peak_memory_kind'] = 'host RSS peak since reset_peak_memory'
   else:
     out['peak_memory_mb'] = lifetime
     out['peak_memory_kind'] = 'host ru_maxrss (includes compilation)'

@@ -157,6 +157,8 @@ def time_dot(dot: Dot, repeats: int, min_round_s: float = 0.02
   traced_s = (best_s if best == 'traced' else
               min(first['traced'][0],
                   _seconds(*first['traced'][1:], repeats, min_round_s)))
+  if traced_s < best_s:  # timing noise: the layouts were about as fast
+    best, best_s = 'traced', traced_s
   return {'traced_s': traced_s, 'best_s': best_s, 'best_layout': best}
 
 

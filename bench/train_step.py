@@ -25,9 +25,13 @@ model FLOPs of a step; FLOP/s as a fraction of the matmul peak
 `matmul_peak_flops`, the two samples least disturbed by other processes;
 `peak_fraction_median`: medians against medians, which a busy machine skews
 because it delays a short matmul more than a long step); peak memory
-(`peak_memory_mb`: host RSS during the timed steps on CPU, after the
-compiler's scratch memory is handed back, so it includes the process's
-libraries, see `rss_at_start_mb`; the device's `peak_bytes_in_use` on GPU)
+(`peak_memory_mb`: on CPU the host RSS peak over two untimed steps of its
+own, after the compiler's scratch memory is handed back and with malloc
+handing freed memory back too, so it follows what the step holds and
+includes the process's libraries, see `rss_at_start_mb`; the timed steps'
+peak, under the malloc settings of `mov_jax.host_memory` a high-water mark
+of a heap that never shrinks, is `peak_memory_timed_mb`; on GPU the
+device's `peak_bytes_in_use`)
 and XLA's own buffer sizes for the step (`xla_total_mb`: temporaries,
 `xla_temp_mb`, plus the state and batch; exact and independent of load); trainable parameters; first and last loss. Records
 also hold the load average, the machine and XLA's own flop count
@@ -199,6 +203,10 @@ def step_model_flops(training: common.Training, batch_size: int,
 # ------------------------------------------------------------------ worker
 
 
+# Untimed steps whose peak is the configuration's peak memory.
+MEMORY_STEPS = 2
+
+
 class StepWorker:
   """The child process of one configuration."""
 
@@ -226,9 +234,21 @@ class StepWorker:
       common.progress(f'warm-up step {i + 1}/{args.warmup}: '
                       f'{self._step():.3f}s')
     self.matmul = common.Matmul(args.dtype, args.matmul_size)
+    # Peak memory from steps of their own, with malloc handing memory back
+    # (`common.unpooled_malloc`): the timed steps' host RSS peak follows
+    # malloc's settings more than the step (kept as `peak_memory_timed_mb`).
+    with common.unpooled_malloc():
+      reset_worked = common.reset_peak_memory()
+      for _ in range(MEMORY_STEPS):
+        self._step()
+      memory = common.peak_memory(reset_worked)
+    if memory['peak_memory_kind'].startswith('host RSS peak since'):
+      memory['peak_memory_kind'] = (
+          f'host RSS peak over {MEMORY_STEPS} steps, malloc handing memory '
+          'back (bench/common.py unpooled_malloc)')
     self.reset_worked = common.reset_peak_memory()
     self.ready = {
-        **compiled, 'flops_per_step': flops['total'],
+        **compiled, 'memory': memory, 'flops_per_step': flops['total'],
         'flops_forward': flops['forward'], 'rss_at_start_mb': rss_at_start,
         'trainable_params': self.training.trainable_params,
         'total_params': self.training.total_params,
@@ -253,7 +273,9 @@ class StepWorker:
       common.trim_malloc()  # idle between turns: hold only the state
       return answer
     if message['cmd'] == 'finish':
-      return {**common.peak_memory(self.reset_worked),
+      timed = common.peak_memory(self.reset_worked)
+      return {'peak_memory_timed_mb': timed['peak_memory_mb'],
+              'peak_rss_lifetime_mb': timed['peak_rss_lifetime_mb'],
               'losses': self.losses}
     raise ValueError(f'unknown command {message}')
 
@@ -377,8 +399,9 @@ def make_record(args, size: str, method: str, r: Dict[str, Any],
     'matmul_median_flops': peak,
     'peak_fraction': flops / step['min'] / peak_best,
     'peak_fraction_median': flops / step['median'] / peak,
-    'peak_memory_mb': f['peak_memory_mb'],
-    'peak_memory_kind': f['peak_memory_kind'],
+    'peak_memory_mb': r['memory']['peak_memory_mb'],
+    'peak_memory_kind': r['memory']['peak_memory_kind'],
+    'peak_memory_timed_mb': f['peak_memory_timed_mb'],
     'peak_rss_lifetime_mb': f['peak_rss_lifetime_mb'],
     'rss_at_start_mb': r['rss_at_start_mb'],
     'rss_before_steps_mb': r['rss_before_steps_mb'],

@@ -150,6 +150,44 @@ def test_matmul_floor_benchmark_bounds_the_peak_fraction(tmp_path):
   assert '| tiny | mov-10 | ' in report and 'max peak_fraction' in report
 
 
+_MALLOC_PROBE = """
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+import common
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE = 256 * 2 ** 20
+
+def kept_after_free():
+  # MB of a touched and freed 256 MB block that the process still holds.
+  block = libc.malloc(SIZE)
+  ctypes.memset(block, 1, SIZE)
+  touched = common.rss_mb()
+  libc.free(block)
+  return round(common.rss_mb() - touched + SIZE / 2 ** 20)
+
+before = kept_after_free()
+with common.unpooled_malloc():
+  inside = kept_after_free()
+after = kept_after_free()
+print(before, inside, after)
+"""
+
+
+def test_unpooled_malloc_hands_memory_back_only_inside():
+  from mov_jax import host_memory  # pylint: disable=g-import-not-at-top
+  env = host_memory.with_tunables({**os.environ})
+  proc = subprocess.run([sys.executable, '-c', _MALLOC_PROBE, BENCH],
+                        capture_output=True, text=True, env=env, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  before, inside, after = map(int, proc.stdout.split())
+  # Tuned: the freed block stays in the heap; inside: it goes back to the
+  # kernel at once; after: the tuned settings apply again.
+  assert before > 200 and after > 200 and inside < 20, (before, inside,
+                                                         after)
+
+
 def test_append_replaces_only_the_configurations_measured_again(tmp_path):
   out = tmp_path / 'train_step.json'
   step = lambda size, method, t: {'kind': 'train_step', 'size': size,
