@@ -33,9 +33,9 @@ peak, under the malloc settings of `mov_jax.host_memory` a high-water mark
 of a heap that never shrinks, is `peak_memory_timed_mb`; on GPU the
 device's `peak_bytes_in_use`)
 and XLA's own buffer sizes for the step (`xla_total_mb`: temporaries,
-`xla_temp_mb`, plus the state and batch; exact and independent of load); trainable parameters; first and last loss. Records
-also hold the load average, the machine and XLA's own flop count
-(`xla_flops_per_step`).
+`xla_temp_mb`, plus the state and batch; exact and independent of load);
+trainable parameters; first and last loss. Records also hold the load
+average, the machine and XLA's own flop count (`xla_flops_per_step`).
 
 Model FLOPs (`flops_per_step`) are counted from the T5 shapes, 2*m*n*k per
 matmul of an m x k by a k x n matrix, b = batch, Li / Lt = input / target
@@ -65,8 +65,8 @@ in the attention scores unless the query has an adapter. So full
 fine-tuning is ~3x forward and the adapter methods ~2x.
 tests/test_bench.py checks this count against the matmuls of the traced
 training step: equal for every method. Elementwise work (norms, softmax,
-GELU, the optimizer) is not counted. XLA's count (`xla_flops_per_step`) also includes that, and
-whatever else the compiled step does.
+GELU, the optimizer) is not counted. XLA's count (`xla_flops_per_step`)
+also includes that, and whatever else the compiled step does.
 
 Not a test: speed depends on the machine and its load. --out FILE.json
 writes a list of records: `kind: "train_step"` per configuration, and
