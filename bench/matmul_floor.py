@@ -148,18 +148,22 @@ def time_dot(dot: Dot, repeats: int, min_round_s: float = 0.02
   """Seconds of one `dot` alone, jitted: as traced (`traced_s`) and the
   fastest over operand layouts and orders (`best_s`, `best_layout`). Each
   layout gets one round; the fastest then gets `repeats`."""
-  first = {}
+  # Keeps only the traced layout's and the fastest layout's operands alive
+  # (a step's largest matmuls hold hundreds of MB per layout).
+  traced = best = None
   for name, fn, operands in _layouts(dot):
-    first[name] = (_seconds(fn, operands, 1, min_round_s), fn, operands)
-  best = min(first, key=lambda name: first[name][0])
-  best_s = min(first[best][0],
-               _seconds(*first[best][1:], repeats, min_round_s))
-  traced_s = (best_s if best == 'traced' else
-              min(first['traced'][0],
-                  _seconds(*first['traced'][1:], repeats, min_round_s)))
+    entry = (_seconds(fn, operands, 1, min_round_s), name, fn, operands)
+    if name == 'traced':
+      traced = entry
+    if best is None or entry[0] < best[0]:
+      best = entry
+  best_s = min(best[0], _seconds(*best[2:], repeats, min_round_s))
+  traced_s = (best_s if best is traced else
+              min(traced[0], _seconds(*traced[2:], repeats, min_round_s)))
+  best_layout = best[1]
   if traced_s < best_s:  # timing noise: the layouts were about as fast
-    best, best_s = 'traced', traced_s
-  return {'traced_s': traced_s, 'best_s': best_s, 'best_layout': best}
+    best_layout, best_s = 'traced', traced_s
+  return {'traced_s': traced_s, 'best_s': best_s, 'best_layout': best_layout}
 
 
 def measure(args, size: str, method: str, peak_flops: float,
