@@ -1,7 +1,7 @@
 """Helpers shared by the benchmarks in bench/ (not a benchmark itself).
 
 * the machine: `machine_info` (CPU model, cores, load average, JAX version,
-  backend, device, glibc malloc settings);
+  backend, device, glibc malloc settings; `host_info` without JAX);
 * the real training step: `train_config` (the gin files of a size and a
   method, as `python -m mov_jax.train` reads them), `Training` (parameters,
   the trainable / frozen split and optimizer state placed on a mesh, and the
@@ -77,19 +77,23 @@ def code_version() -> str:
   return commit + ('-dirty' if dirty else '')
 
 
-def machine_info() -> Dict[str, Any]:
-  """Where a benchmark ran; call it after JAX picked its backend."""
-  import jax  # pylint: disable=g-import-not-at-top
+def host_info() -> Dict[str, Any]:
+  """Where a benchmark ran, without JAX: code, malloc settings, CPU, load."""
   from mov_jax import host_memory  # pylint: disable=g-import-not-at-top
-  device = jax.devices()[0]
   return {'code_version': code_version(),
           'glibc_tunables': os.environ.get(host_memory.ENV, ''),
           'malloc_tuned': not host_memory.missing(os.environ),
           'cpu_model': cpu_model(), 'cpu_cores': os.cpu_count(),
-          'jax_version': jax.__version__, 'backend': jax.default_backend(),
-          'device_kind': device.device_kind,
-          'device_count': jax.device_count(),
           'load_average': list(os.getloadavg())}
+
+
+def machine_info() -> Dict[str, Any]:
+  """Where a benchmark ran; call it after JAX picked its backend."""
+  import jax  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0]
+  return {**host_info(), 'jax_version': jax.__version__,
+          'backend': jax.default_backend(), 'device_kind': device.device_kind,
+          'device_count': jax.device_count()}
 
 
 # -------------------------------------------------------- the training step
@@ -221,14 +225,15 @@ def synthetic_batch(batch_size: int, input_length: int, target_length: int,
                     vocab_size: int, seed: int = 0):
   """Random tokens (no padding) shaped like an unpacked training batch."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mov_jax import models  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   inputs = rng.integers(2, vocab_size, (batch_size, input_length))
   targets = rng.integers(2, vocab_size, (batch_size, target_length))
+  # `models.shift_right` in NumPy (BOS = 0), so that the PyTorch reference
+  # (torch_reference.py) needs no JAX.
+  shifted = np.pad(targets, ((0, 0), (1, 0)))[:, :-1]
   return {'encoder_input_tokens': inputs.astype(np.int32),
           'decoder_target_tokens': targets.astype(np.int32),
-          'decoder_input_tokens': np.asarray(models.shift_right(targets),
-                                             np.int32),
+          'decoder_input_tokens': shifted.astype(np.int32),
           'decoder_loss_weights': np.ones_like(targets, np.int32)}
 
 
@@ -357,14 +362,17 @@ def reset_peak_memory() -> bool:
     return False
 
 
-def peak_memory(reset_worked: bool) -> Dict[str, Any]:
-  """Peak memory of this process: device statistics on accelerators, else
-  host RSS (since `reset_peak_memory` where that worked, else ever)."""
-  import jax  # pylint: disable=g-import-not-at-top
+def peak_memory(reset_worked: bool, jax_devices: bool = True
+                ) -> Dict[str, Any]:
+  """Peak memory of this process: JAX's device statistics on accelerators
+  (unless not `jax_devices`), else host RSS (since `reset_peak_memory` where
+  that worked, else ever)."""
   lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
   out = {'peak_rss_lifetime_mb': lifetime}
   device_stats = None
-  if jax.default_backend() != 'cpu':
+  if jax_devices:
+    import jax  # pylint: disable=g-import-not-at-top
+  if jax_devices and jax.default_backend() != 'cpu':
     try:
       device_stats = jax.devices()[0].memory_stats()
     except Exception:  # pylint: disable=broad-except

@@ -51,7 +51,10 @@ def train_step_section(records) -> str:
   rows = [[r['size'], r['method'], f"{r['step_time_median_s']:.4g}",
            f"{r['tokens_per_s']:,.0f}", f"{r['flops_per_step'] / 1e9:.1f}",
            f"{r['peak_fraction']:.2f}", f"{r['peak_fraction_median']:.2f}",
-           f"{r['peak_memory_mb']:,.0f}", f"{r['xla_total_mb']:,.0f}",
+           f"{r['peak_memory_mb']:,.0f}",
+           # None for the PyTorch reference, which XLA does not compile.
+           '-' if r.get('xla_total_mb') is None else
+           f"{r['xla_total_mb']:,.0f}",
            f"{r['trainable_params']:,}"] for r in steps]
   out = [f"Training step ({first['dtype']}, batch {first['batch_size']}, "
          f"{first['input_length']} input / {first['target_length']} target "
@@ -68,6 +71,29 @@ def train_step_section(records) -> str:
              g['goal'], 'yes' if g['met'] else '**no**'] for g in goals]
     out += ['', table(rows, ['size', 'ratio', 'of', 'value', 'goal',
                              'met'])]
+  references = [r for r in records if r['kind'] == 'reference']
+  if references:
+    torch_version = next((r['torch_version'] for r in steps
+                          if r.get('torch_version')), '?')
+    rows = [[r['size'], r['method'],
+             f"{r['reference_step_time_median_s']:.4g}",
+             f"{r['step_time_median_s']:.4g}", f"{r['speedup']:.2f}",
+             f"{r['reference_peak_memory_mb']:,.0f}",
+             f"{r['peak_memory_mb']:,.0f}", f"{r['memory_ratio']:.2f}"]
+            for r in references]
+    out += ['', f'Against the PyTorch reference (`torch:<method>`: eager '
+            f'PyTorch {torch_version} on Hugging Face T5, same shapes, '
+            'adapters and loss; bench/torch_reference.py), in the same run:',
+            '', table(rows, ['size', 'method', 'PyTorch median s',
+                             'mov-jax median s', 'speed-up',
+                             'PyTorch peak MB', 'mov-jax peak MB',
+                             'memory ratio'])]
+    ratios = [r for r in records if r['kind'] == 'reference_ratio']
+    if ratios:
+      rows = [[r['size'], r['method'], f"{r['value']:.3f}",
+               r['goal_for_ours']] for r in ratios]
+      out += ['', 'The step-time goals\' ratios within PyTorch:', '',
+              table(rows, ['size', 'ratio', 'value', 'our goal'])]
   return '\n'.join(out)
 
 

@@ -1,7 +1,8 @@
 """Benchmark: the real training step of each method, its speed and memory.
 
     python bench/train_step.py [--sizes=tiny,small] \
-        [--methods=full,ia3,lora,mov-10,mov-30,molora-10] [--batch_size=8] \
+        [--methods=full,ia3,lora,mov-10,mov-30,molora-10] \
+        [--torch_reference=auto|no] [--batch_size=8] \
         [--input_length=256] [--target_length=64] [--steps=10] \
         [--dtype=float32] [--out=train_step.json]
 
@@ -68,6 +69,12 @@ training step: equal for every method. Elementwise work (norms, softmax,
 GELU, the optimizer) is not counted. XLA's count (`xla_flops_per_step`)
 also includes that, and whatever else the compiled step does.
 
+PyTorch reference (--torch_reference=auto, the default): when JAX runs on
+CPU, each method also runs as `torch:<method>`, the same model, adapters and
+loss in eager PyTorch on Hugging Face's T5 (bench/torch_reference.py),
+taking turns with ours; `kind: "reference"` records compare the two
+(`speedup`: PyTorch's median step / ours; `memory_ratio`: our peak / its).
+
 Not a test: speed depends on the machine and its load. --out FILE.json
 writes a list of records: `kind: "train_step"` per configuration, and
 `kind: "target"` for the issue's ratio goals (measured in this run).
@@ -79,7 +86,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -288,6 +295,32 @@ def worker_main(args) -> int:
 
 # ------------------------------------------------------------------ parent
 
+# `torch:<method>`: the method in eager PyTorch (bench/torch_reference.py).
+TORCH_PREFIX = 'torch:'
+
+
+def torch_reference_method(method: str) -> Optional[str]:
+  """'torch:mov-10' -> 'mov-10'; None for our (JAX) methods."""
+  return method[len(TORCH_PREFIX):] if method.startswith(TORCH_PREFIX) \
+      else None
+
+
+def reference_worker(args, size: str, method: str) -> Tuple[str, List[str]]:
+  """The script and flags of a `torch:` method's worker. The gins are read
+  here, so that the worker imports neither JAX nor gin."""
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  cfg = common.train_config(
+      size, torch_reference_method(method), batch_size=args.batch_size,
+      input_length=args.input_length, target_length=args.target_length,
+      dtype=args.dtype, dropout=args.dropout,
+      extra_bindings=args.gin_bindings)
+  spec = torch_reference.spec_from_config(cfg)
+  spec['flops'] = train_step_flops(
+      cfg.network.config, cfg.network.adapters, args.batch_size,
+      args.input_length, args.target_length, spec['base_trainable'])
+  return torch_reference.SCRIPT, torch_reference.worker_args(
+      args, size, method, spec)
+
 
 def worker_args(args, size: str, method: str) -> List[str]:
   return [f'--size={size}', f'--method={method}',
@@ -306,8 +339,8 @@ def run_turns(running: Dict[str, Any], steps: int, matmuls: int,
     for method, worker in running.items():
       answer = worker.request({'cmd': 'steps', 'steps': 1,
                                'matmuls': matmuls})
-      times[method]['step_s'] += answer['step_s']
-      times[method]['matmul_s'] += answer['matmul_s']
+      for key in ('step_s', 'matmul_s', 'reference_matmul_s'):
+        times[method][key] += answer.get(key, [])
     print(f'  step {i + 1}/{steps}: ' + '  '.join(
         f'{m} {times[m]["step_s"][-1]:.3f}s' for m in running), flush=True)
 
@@ -325,9 +358,18 @@ def measure_size(args, size: str, on_record: Callable[[Dict[str, Any]], None],
 
   def start(method):
     print(f'[{size} {method}] starting ...', flush=True)
-    worker, ready[method] = common.start_worker(
-        SCRIPT, worker_args(args, size, method), label=f'{size} {method}')
-    times[method] = {'step_s': [], 'matmul_s': []}
+    if torch_reference_method(method):
+      if interleave != 'yes':
+        raise ValueError(
+            f'{method}: the PyTorch reference runs on CPU, taking turns with '
+            'JAX methods on CPU; list it after a JAX method, with JAX on CPU '
+            '(JAX_PLATFORMS=cpu), or pass --interleave=yes.')
+      script, flags = reference_worker(args, size, method)
+    else:
+      script, flags = SCRIPT, worker_args(args, size, method)
+    worker, ready[method] = common.start_worker(script, flags,
+                                                label=f'{size} {method}')
+    times[method] = {'step_s': [], 'matmul_s': [], 'reference_matmul_s': []}
     print(f'[{size} {method}] ready on '
           f'{ready[method]["machine"]["device_kind"]}', flush=True)
     return worker
@@ -337,7 +379,21 @@ def measure_size(args, size: str, on_record: Callable[[Dict[str, Any]], None],
     worker.close()
 
   try:
-    for method in args.methods:
+    def methods():
+      # The listed methods, then (--torch_reference=auto, once the JAX
+      # methods run on CPU) each JAX method's PyTorch reference not listed.
+      yield from args.methods
+      if args.torch_reference == 'auto' and interleave == 'yes':
+        for method in list(args.methods):
+          reference = TORCH_PREFIX + method
+          if not torch_reference_method(method) and (
+              reference not in args.methods):
+            yield reference
+      elif args.torch_reference == 'auto' and interleave == 'no':
+        print(f'[{size}] no PyTorch reference: it takes turns with JAX '
+              'methods on CPU', flush=True)
+
+    for method in methods():
       if past_deadline():
         print(f'[{size} {method}] not started: past --deadline_s',
               flush=True)
@@ -353,7 +409,7 @@ def measure_size(args, size: str, on_record: Callable[[Dict[str, Any]], None],
         run_turns({method: worker}, args.steps, args.matmuls, times)
         stop(method, worker)
         on_record(make_record(args, size, method, ready[method],
-                              finish[method], times[method]['step_s'],
+                              finish[method], times[method],
                               times[method]['matmul_s'], interleaved=False))
     if running:
       run_turns(running, args.steps, args.matmuls, times)
@@ -363,7 +419,7 @@ def measure_size(args, size: str, on_record: Callable[[Dict[str, Any]], None],
       matmul_all = [t for m in measured for t in times[m]['matmul_s']]
       for method in measured:
         on_record(make_record(args, size, method, ready[method],
-                              finish[method], times[method]['step_s'],
+                              finish[method], times[method],
                               matmul_all, interleaved=True))
   finally:
     for worker in running.values():
@@ -371,11 +427,11 @@ def measure_size(args, size: str, on_record: Callable[[Dict[str, Any]], None],
 
 
 def make_record(args, size: str, method: str, r: Dict[str, Any],
-                f: Dict[str, Any], step_s: List[float],
+                f: Dict[str, Any], times: Dict[str, List[float]],
                 matmul_s: List[float], interleaved: bool) -> Dict[str, Any]:
   """The record of one configuration from its worker's ready (`r`) and
-  finish (`f`) answers and its timings."""
-  step, mm = common.stats(step_s), common.stats(matmul_s)
+  finish (`f`) answers, its timings and the peak matmul's."""
+  step, mm = common.stats(times['step_s']), common.stats(matmul_s)
   flops = r['flops_per_step']
   matmul_flops = 2.0 * r['matmul_size'] ** 3
   peak, peak_best = matmul_flops / mm['median'], matmul_flops / mm['min']
@@ -413,6 +469,9 @@ def make_record(args, size: str, method: str, r: Dict[str, Any],
     'trainable_percent': 100.0 * r['trainable_params'] / r[
         'total_params'],
     'loss_first': f['losses'][0], 'loss_last': f['losses'][-1],
+    'reference_matmul_flops': (
+        matmul_flops / min(times['reference_matmul_s'])
+        if times.get('reference_matmul_s') else None),
     'load_average_start': r['machine']['load_average'],
     'load_average_end': list(os.getloadavg()),
     **{k: v for k, v in r['machine'].items() if k != 'load_average'}}
@@ -446,6 +505,7 @@ def targets(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                     'value': ratio, 'goal': f'{"<" if strict else "<="} '
                                             f'{goal:g}',
                     'met': ratio < goal if strict else ratio <= goal})
+  out += reference_comparisons(records)
   for (size, method), record in by.items():
     where = 'cpu' if record.get('backend') == 'cpu' else 'accelerator'
     if (size, method) == PEAK_TARGETS[where][:2]:
@@ -454,6 +514,37 @@ def targets(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
       out.append({'kind': 'target', 'size': size, 'method': method,
                   'field': 'peak_fraction', 'value': value,
                   'goal': f'>= {goal:g}', 'met': value >= goal})
+  return out
+
+
+def reference_comparisons(records: List[Dict[str, Any]]
+                          ) -> List[Dict[str, Any]]:
+  """Each method against its PyTorch reference (`torch:<method>`) of the
+  same run and size, and the issue's step-time ratios within PyTorch."""
+  out = []
+  by = {(r['size'], r['method']): r for r in records}
+  for (size, method), ref in by.items():
+    base = torch_reference_method(method)
+    if base is not None and (size, base) in by:
+      ours = by[size, base]
+      out.append({
+          'kind': 'reference', 'size': size, 'method': base,
+          'reference': method,
+          'step_time_median_s': ours['step_time_median_s'],
+          'reference_step_time_median_s': ref['step_time_median_s'],
+          'speedup': ref['step_time_median_s'] / ours['step_time_median_s'],
+          'peak_memory_mb': ours['peak_memory_mb'],
+          'reference_peak_memory_mb': ref['peak_memory_mb'],
+          'memory_ratio': ours['peak_memory_mb'] / ref['peak_memory_mb']})
+  for size in dict.fromkeys(r['size'] for r in records):
+    for num, den, field, goal in RATIO_TARGETS:
+      num, den = TORCH_PREFIX + num, TORCH_PREFIX + den
+      if field == 'step_time_median_s' and (size, num) in by and (
+          size, den) in by:
+        out.append({'kind': 'reference_ratio', 'size': size,
+                    'method': f'{num} / {den}', 'field': field,
+                    'value': by[size, num][field] / by[size, den][field],
+                    'goal_for_ours': f'<= {goal:g}'})
   return out
 
 
@@ -515,6 +606,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                       choices=('auto', 'yes', 'no'),
                       help='Keep one process per method alive and take '
                       'turns step by step (auto: on CPU).')
+  parser.add_argument('--torch_reference', default='auto',
+                      choices=('auto', 'no'),
+                      help='auto: when JAX runs on CPU, also run each '
+                      'method as torch:<method>, in eager PyTorch on '
+                      'Hugging Face T5 (bench/torch_reference.py), taking '
+                      'turns with ours. Methods listed as torch:<method> '
+                      'run either way.')
   parser.add_argument('--gin_bindings', action='append', default=[],
                       help='A gin binding for every configuration (repeat '
                       'the flag for more), e.g. "network.T5Config.'
@@ -539,7 +637,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   args.sizes = [s for s in args.sizes.split(',') if s]
   args.methods = [m for m in args.methods.split(',') if m]
   for method in args.methods:
-    common.method_gin(method)  # fail early on a bad name
+    # Fail early on a bad name.
+    common.method_gin(torch_reference_method(method) or method)
   if args.steps < 1:
     parser.error('--steps must be positive.')
 
@@ -564,15 +663,24 @@ def main(argv: Optional[List[str]] = None) -> int:
   records = merge_records(previous, records)
   goals = targets(records)
   print(f'\n{records[0]["device_kind"]} ({records[0]["cpu_model"]}, '
-        f'{records[0]["cpu_cores"]} cores), jax {records[0]["jax_version"]}, '
+        f'{records[0]["cpu_cores"]} cores), jax '
+        f'{next((r["jax_version"] for r in records if "jax_version" in r), "-")}, '
         f'{args.dtype}; load average {records[0]["load_average_start"][0]:.1f}'
         f' -> {records[-1]["load_average_end"][0]:.1f}; '
         f'{time.time() - start:.0f}s in all')
   common.print_table(records, COLUMNS)
   for g in goals:
-    print(f'{g["size"]:>6} {g["method"]:<20} {g["field"]:<20} '
-          f'{g["value"]:.3f} (goal {g["goal"]}): '
-          f'{"met" if g["met"] else "NOT met"}')
+    if g['kind'] == 'target':
+      print(f'{g["size"]:>6} {g["method"]:<20} {g["field"]:<20} '
+            f'{g["value"]:.3f} (goal {g["goal"]}): '
+            f'{"met" if g["met"] else "NOT met"}')
+    elif g['kind'] == 'reference':
+      print(f'{g["size"]:>6} {g["method"]:<20} {g["speedup"]:.2f}x the '
+            f'speed of {g["reference"]}, {g["memory_ratio"]:.2f}x its peak '
+            'memory')
+    else:
+      print(f'{g["size"]:>6} {g["method"]:<20} {g["field"]:<20} '
+            f'{g["value"]:.3f} (PyTorch; our goal {g["goal_for_ours"]})')
   common.write_json(args.out, records + goals)
   return 0
 

@@ -70,7 +70,7 @@ def test_model_flops_equal_the_matmuls_of_the_traced_training_step(method):
 def test_train_step_benchmark_writes_the_records_the_issue_names(tmp_path):
   out = tmp_path / 'train_step.json'
   flags = ['--sizes=tiny', '--steps=2', '--matmuls=1', '--matmul_size=256',
-           *SHAPES, f'--out={out}']
+           '--torch_reference=no', *SHAPES, f'--out={out}']
   _run('train_step.py', '--methods=full,ia3', *flags)
   # A second run adds its configuration to the first's (--append).
   log = _run('train_step.py', '--methods=mov-10', '--append', *flags)
@@ -101,6 +101,91 @@ def test_train_step_benchmark_writes_the_records_the_issue_names(tmp_path):
   # The README's tables come from bench/report.py.
   report = _run('report.py', str(tmp_path))
   assert '| tiny | mov-10 | ' in report and '| tiny | mov-10 / ia3 |' in report
+
+
+@pytest.mark.parametrize('method', ['full', 'ia3', 'mov-10', 'lora',
+                                    'molora-10'])
+def test_torch_reference_computes_our_networks_logits(method):
+  torch = pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  from mov_jax import optim  # pylint: disable=g-import-not-at-top
+  from mov_jax import train  # pylint: disable=g-import-not-at-top
+  batch, inputs, targets = 2, 16, 8
+  cfg = common.train_config('tiny', method, batch_size=batch,
+                            input_length=inputs, target_length=targets,
+                            dtype='float32', dropout=0.0)
+  training = common.Training(cfg)
+  params = traverse_util.flatten_dict(optim.merge_params(
+      training.state.trainable, training.state.frozen), sep='/')
+  data = common.synthetic_batch(batch, inputs, targets,
+                                cfg.network.config.vocab_size)
+
+  def our_logits(params):
+    return np.asarray(cfg.network.apply(
+        {'params': traverse_util.unflatten_dict(params, sep='/')},
+        **train.network_inputs(data), enable_dropout=False))
+
+  base = our_logits(params)
+  # Every parameter (the base's of full fine-tuning too) away from its
+  # initial value, where MoV and LoRA are the identity, so that each shows
+  # in the logits. Small steps: large ones make attention so peaked that
+  # float32 rounding alone moves MoLoRA's logits by 0.1.
+  rng = np.random.default_rng(0)
+  params = {k: np.asarray(v) + 0.05 * rng.standard_normal(v.shape).astype(
+      np.float32) for k, v in params.items()}
+  ours = our_logits(params)
+  assert np.max(np.abs(ours - base)) > 0.05
+
+  spec = torch_reference.spec_from_config(cfg)
+  model, installed = torch_reference.build_model(spec)
+  assert len(installed) == sum('_adapter/' in k and k.endswith(
+      ('mov_scaling', 'lora_a')) for k in params)
+  torch_reference.load_params(model, installed, params, cfg.network.config)
+  assert torch_reference.count_trainable(model) == training.trainable_params
+  with torch.no_grad():
+    theirs = model.eval()(
+        input_ids=torch.from_numpy(data['encoder_input_tokens']).long(),
+        decoder_input_ids=torch.from_numpy(
+            data['decoder_input_tokens']).long()).logits.numpy()
+  np.testing.assert_allclose(theirs, ours, atol=5e-5, rtol=1e-5)
+
+
+def test_train_step_benchmark_runs_the_torch_reference_alongside(tmp_path):
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  out = tmp_path / 'train_step.json'
+  # torch:mov-10 as listed, torch:ia3 added (--torch_reference=auto).
+  log = _run('train_step.py', '--sizes=tiny',
+             '--methods=mov-10,ia3,torch:mov-10', '--steps=2',
+             '--matmuls=1', '--matmul_size=256', *SHAPES, f'--out={out}')
+  assert 'mov-10 / ia3' in log and 'the speed of torch:mov-10' in log
+  records = json.loads(out.read_text())
+  steps = {r['method']: r for r in records if r['kind'] == 'train_step'}
+  for method in ('mov-10', 'ia3'):
+    ours, ref = steps[method], steps['torch:' + method]
+    # The same model: FLOPs, trainable parameters; the same peak matmul.
+    for field in ('flops_per_step', 'trainable_params', 'matmul_peak_flops'):
+      assert ref[field] == ours[field], field
+    assert ref['reference_matmul_flops'] > 0 and ref['steps'] == 2
+    assert math.isfinite(ref['loss_last']) and ref['peak_memory_mb'] > 0
+  reference = {r['method']: r for r in records if r['kind'] == 'reference'}
+  assert set(reference) == {'mov-10', 'ia3'}
+  assert reference['ia3']['speedup'] == pytest.approx(
+      steps['torch:ia3']['step_time_median_s'] /
+      steps['ia3']['step_time_median_s'])
+  ratio, = [r for r in records if r['kind'] == 'reference_ratio']
+  assert ratio['method'] == 'torch:mov-10 / torch:ia3'
+  report = _run('report.py', str(tmp_path))
+  assert '| tiny | torch:mov-10 | ' in report
+  assert 'Against the PyTorch reference' in report
+
+
+def test_torch_reference_needs_turns_with_jax_on_cpu():
+  with pytest.raises(ValueError, match='list it after a JAX method'):
+    train_step.main(['--sizes=tiny', '--methods=torch:ia3,ia3',
+                     '--interleave=no', '--steps=1'])
 
 
 def test_step_dots_counts_jit_scan_and_batched_matmuls():
@@ -205,7 +290,8 @@ def test_append_replaces_only_the_configurations_measured_again(tmp_path):
 
 def test_no_configuration_starts_past_the_deadline(capsys):
   import argparse  # pylint: disable=g-import-not-at-top
-  args = argparse.Namespace(interleave='auto', methods=['ia3', 'mov-10'])
+  args = argparse.Namespace(interleave='auto', methods=['ia3', 'mov-10'],
+                            torch_reference='auto')
   got = []
   train_step.measure_size(args, 'tiny', got.append, lambda: True)
   assert not got
