@@ -13,7 +13,8 @@
 * `Worker` / `serve`: a benchmark configuration in its own Python process
   (its own peak memory, its own JAX flags), driven by JSON lines, so that
   several configurations can take turns step by step and share the
-  machine's load;
+  machine's load; `TimedStepWorker`, what train_step.py's workers (ours
+  and the PyTorch reference) share;
 * `add_shape_flags`, `report`: the flags and the output the scripts share.
 """
 
@@ -387,6 +388,87 @@ def peak_memory(reset_worked: bool, jax_devices: bool = True
     out['peak_memory_mb'] = lifetime
     out['peak_memory_kind'] = 'host ru_maxrss (includes compilation)'
   return out
+
+
+# ------------------------------------------------ the training step's workers
+
+
+class TimedStepWorker:
+  """What both kinds of `bench/train_step.py` worker (ours in JAX, and the
+  PyTorch reference) share: the peak-memory steps and the protocol.
+
+  Requests: {'cmd': 'steps', 'steps': n, 'matmuls': m} runs one untimed
+  step, then n timed steps and m timed peak matmuls; {'cmd': 'finish'}
+  answers the timed steps' memory peak and every step's loss. Subclasses
+  define `_run_step` (one step, waited for; returns its loss) and
+  `_matmul_times`.
+  """
+
+  # Untimed steps whose peak is the configuration's peak memory.
+  MEMORY_STEPS = 2
+
+  def __init__(self, jax_devices: bool):
+    self.jax_devices = jax_devices
+    self.losses = []
+    self.reset_worked = False
+
+  def _run_step(self) -> Any:
+    raise NotImplementedError
+
+  def _matmul_times(self, count: int) -> Dict[str, List[float]]:
+    raise NotImplementedError
+
+  def _step(self) -> float:
+    """One step; returns its seconds and keeps its loss."""
+    start = time.perf_counter()
+    loss = self._run_step()
+    seconds = time.perf_counter() - start
+    self.losses.append(float(loss))
+    return seconds
+
+  def measure_memory(self) -> Dict[str, Any]:
+    """Peak memory from steps of their own, with malloc handing memory back
+    (`unpooled_malloc`): the timed steps' host RSS peak follows malloc's
+    settings more than the step (kept as `peak_memory_timed_mb`). Then
+    starts the timed steps' peak."""
+    with unpooled_malloc():
+      reset_worked = reset_peak_memory()
+      for _ in range(self.MEMORY_STEPS):
+        self._step()
+      memory = peak_memory(reset_worked, self.jax_devices)
+    if memory['peak_memory_kind'].startswith('host RSS peak since'):
+      memory['peak_memory_kind'] = (
+          f'host RSS peak over {self.MEMORY_STEPS} steps, malloc handing '
+          'memory back (bench/common.py unpooled_malloc)')
+    self.reset_worked = reset_peak_memory()
+    return memory
+
+  def handle(self, message: Dict[str, Any]) -> Dict[str, Any]:
+    if message['cmd'] == 'steps':
+      # Untimed: the trim after the last turn handed the step's freed working
+      # memory back to the kernel, and with the malloc settings of
+      # mov_jax.host_memory a real run never does that.
+      self._step()
+      answer = {'step_s': [self._step() for _ in range(message['steps'])],
+                **self._matmul_times(message['matmuls'])}
+      trim_malloc()  # idle between turns: hold only the state
+      return answer
+    if message['cmd'] == 'finish':
+      timed = peak_memory(self.reset_worked, self.jax_devices)
+      return {'peak_memory_timed_mb': timed['peak_memory_mb'],
+              'peak_rss_lifetime_mb': timed['peak_rss_lifetime_mb'],
+              'losses': self.losses}
+    raise ValueError(f'unknown command {message}')
+
+
+def step_worker_flags(args, size: str, method: str) -> List[str]:
+  """The flags every train_step.py worker takes (its configuration)."""
+  return [f'--size={size}', f'--method={method}',
+          f'--batch_size={args.batch_size}',
+          f'--input_length={args.input_length}',
+          f'--target_length={args.target_length}', f'--dtype={args.dtype}',
+          f'--warmup={args.warmup}', f'--seed={args.seed}',
+          f'--matmul_size={args.matmul_size}']
 
 
 # ----------------------------------------------------- one process per config

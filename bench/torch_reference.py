@@ -41,7 +41,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -59,6 +59,12 @@ FFN_PROJECTIONS = ('wi', 'wi_0', 'wi_1', 'wo')
 
 
 # ------------------------------------------------------------ the parent side
+
+
+def check_dtype(dtype: str) -> None:
+  if dtype != 'float32':
+    raise ValueError(f'{NAME}: float32 only (it runs on CPU), got '
+                     f'--dtype={dtype}.')
 
 
 def spec_from_config(cfg) -> Dict[str, Any]:
@@ -328,11 +334,13 @@ def synthetic_batch(batch_size: int, input_length: int, target_length: int,
   return {k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}
 
 
-class ReferenceWorker:
-  """The child process of one `torch:` configuration (the same protocol as
-  train_step.StepWorker)."""
+class ReferenceWorker(common.TimedStepWorker):
+  """The child process of one `torch:` configuration (the protocol of
+  `common.TimedStepWorker`, as train_step.StepWorker)."""
 
   def __init__(self, args):
+    super().__init__(jax_devices=False)
+    check_dtype(args.dtype)
     rss_at_start = common.rss_mb()
     torch.manual_seed(args.seed)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -340,9 +348,6 @@ class ReferenceWorker:
     start = time.perf_counter()
     self.model, _ = build_model(spec)
     self.model.train()
-    if args.dtype != 'float32':
-      raise ValueError(f'{NAME}: float32 only on CPU, got '
-                       f'--dtype={args.dtype}.')
     self.z_loss = spec['z_loss']
     trainable = [p for p in self.model.parameters() if p.requires_grad]
     self.optimizer = torch.optim.Adafactor(trainable,
@@ -350,22 +355,13 @@ class ReferenceWorker:
     self.batch = synthetic_batch(args.batch_size, args.input_length,
                                  args.target_length,
                                  spec['hf_config']['vocab_size'], args.seed)
-    self.losses = []
     first = self._step()
     common.progress(f'built and ran a first step in '
                     f'{time.perf_counter() - start:.1f}s')
     for i in range(args.warmup):
       common.progress(f'warm-up step {i + 1}/{args.warmup}: '
                       f'{self._step():.3f}s')
-    with common.unpooled_malloc():
-      reset_worked = common.reset_peak_memory()
-      for _ in range(2):
-        self._step()
-      memory = common.peak_memory(reset_worked, jax_devices=False)
-    if memory['peak_memory_kind'].startswith('host RSS peak since'):
-      memory['peak_memory_kind'] = ('host RSS peak over 2 steps, malloc '
-                                    'handing memory back')
-    self.reset_worked = common.reset_peak_memory()
+    memory = self.measure_memory()
     n = args.matmul_size or 2048
     self.matmul_n = n
     self.matmul_operands = (torch.randn(n, n), torch.randn(n, n))
@@ -382,8 +378,7 @@ class ReferenceWorker:
         'total_params': total, 'matmul_size': n, 'machine': machine,
         'rss_before_steps_mb': common.rss_mb()}
 
-  def _step(self) -> float:
-    start = time.perf_counter()
+  def _run_step(self) -> torch.Tensor:
     b = self.batch
     logits = self.model(
         input_ids=b['encoder_input_tokens'],
@@ -396,43 +391,23 @@ class ReferenceWorker:
     self.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     self.optimizer.step()
-    seconds = time.perf_counter() - start
-    self.losses.append(float(loss))
-    return seconds
+    return loss.detach()
 
-  def _matmul_s(self, count: int):
+  def _matmul_times(self, count: int) -> Dict[str, List[float]]:
+    # The peak stays the JAX matmul's (the issue's ceiling); torch's own is
+    # kept as the reference's.
     a, b = self.matmul_operands
     out = []
     for _ in range(count):
       start = time.perf_counter()
       torch.mm(a, b)
       out.append(time.perf_counter() - start)
-    return out
-
-  def handle(self, message: Dict[str, Any]) -> Dict[str, Any]:
-    if message['cmd'] == 'steps':
-      self._step()  # untimed, as the JAX workers' (see StepWorker.handle)
-      answer = {'step_s': [self._step() for _ in range(message['steps'])],
-                # The peak stays the JAX matmul's (the issue's ceiling).
-                'matmul_s': [],
-                'reference_matmul_s': self._matmul_s(message['matmuls'])}
-      common.trim_malloc()
-      return answer
-    if message['cmd'] == 'finish':
-      timed = common.peak_memory(self.reset_worked, jax_devices=False)
-      return {'peak_memory_timed_mb': timed['peak_memory_mb'],
-              'peak_rss_lifetime_mb': timed['peak_rss_lifetime_mb'],
-              'losses': self.losses}
-    raise ValueError(f'unknown command {message}')
+    return {'matmul_s': [], 'reference_matmul_s': out}
 
 
 def worker_args(args, size: str, method: str, spec: Dict[str, Any]):
-  return [f'--size={size}', f'--method={method}',
-          f'--batch_size={args.batch_size}',
-          f'--input_length={args.input_length}',
-          f'--target_length={args.target_length}', f'--dtype={args.dtype}',
-          f'--warmup={args.warmup}', f'--seed={args.seed}',
-          f'--matmul_size={args.matmul_size}', f'--spec={json.dumps(spec)}']
+  return [*common.step_worker_flags(args, size, method),
+          f'--spec={json.dumps(spec)}']
 
 
 def main(argv=None) -> int:

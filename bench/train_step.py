@@ -210,14 +210,11 @@ def step_model_flops(training: common.Training, batch_size: int,
 # ------------------------------------------------------------------ worker
 
 
-# Untimed steps whose peak is the configuration's peak memory.
-MEMORY_STEPS = 2
-
-
-class StepWorker:
+class StepWorker(common.TimedStepWorker):
   """The child process of one configuration."""
 
   def __init__(self, args):
+    super().__init__(jax_devices=True)
     rss_at_start = common.rss_mb()
     cfg = common.train_config(
         args.size, args.method, batch_size=args.batch_size,
@@ -236,24 +233,11 @@ class StepWorker:
     common.progress(f'compiled in {compiled["compile_s"]:.1f}s')
     flops = step_model_flops(self.training, args.batch_size,
                              args.input_length, args.target_length)
-    self.losses = []
     for i in range(args.warmup):
       common.progress(f'warm-up step {i + 1}/{args.warmup}: '
                       f'{self._step():.3f}s')
     self.matmul = common.Matmul(args.dtype, args.matmul_size)
-    # Peak memory from steps of their own, with malloc handing memory back
-    # (`common.unpooled_malloc`): the timed steps' host RSS peak follows
-    # malloc's settings more than the step (kept as `peak_memory_timed_mb`).
-    with common.unpooled_malloc():
-      reset_worked = common.reset_peak_memory()
-      for _ in range(MEMORY_STEPS):
-        self._step()
-      memory = common.peak_memory(reset_worked)
-    if memory['peak_memory_kind'].startswith('host RSS peak since'):
-      memory['peak_memory_kind'] = (
-          f'host RSS peak over {MEMORY_STEPS} steps, malloc handing memory '
-          'back (bench/common.py unpooled_malloc)')
-    self.reset_worked = common.reset_peak_memory()
+    memory = self.measure_memory()
     self.ready = {
         **compiled, 'memory': memory, 'flops_per_step': flops['total'],
         'flops_forward': flops['forward'], 'rss_at_start_mb': rss_at_start,
@@ -262,29 +246,11 @@ class StepWorker:
         'matmul_size': self.matmul.n, 'machine': common.machine_info(),
         'rss_before_steps_mb': common.rss_mb()}
 
-  def _step(self) -> float:
-    start = time.perf_counter()
-    metrics = self.training.step(self.batch)
-    seconds = time.perf_counter() - start
-    self.losses.append(float(metrics['loss']))
-    return seconds
+  def _run_step(self):
+    return self.training.step(self.batch)['loss']
 
-  def handle(self, message: Dict[str, Any]) -> Dict[str, Any]:
-    if message['cmd'] == 'steps':
-      # Untimed: the trim after the last turn handed the step's freed working
-      # memory back to the kernel, and with the malloc settings of
-      # mov_jax.host_memory a real run never does that.
-      self._step()
-      answer = {'step_s': [self._step() for _ in range(message['steps'])],
-                'matmul_s': self.matmul.seconds(message['matmuls'])}
-      common.trim_malloc()  # idle between turns: hold only the state
-      return answer
-    if message['cmd'] == 'finish':
-      timed = common.peak_memory(self.reset_worked)
-      return {'peak_memory_timed_mb': timed['peak_memory_mb'],
-              'peak_rss_lifetime_mb': timed['peak_rss_lifetime_mb'],
-              'losses': self.losses}
-    raise ValueError(f'unknown command {message}')
+  def _matmul_times(self, count: int) -> Dict[str, List[float]]:
+    return {'matmul_s': self.matmul.seconds(count)}
 
 
 def worker_main(args) -> int:
@@ -309,6 +275,7 @@ def reference_worker(args, size: str, method: str) -> Tuple[str, List[str]]:
   """The script and flags of a `torch:` method's worker. The gins are read
   here, so that the worker imports neither JAX nor gin."""
   import torch_reference  # pylint: disable=g-import-not-at-top
+  torch_reference.check_dtype(args.dtype)
   cfg = common.train_config(
       size, torch_reference_method(method), batch_size=args.batch_size,
       input_length=args.input_length, target_length=args.target_length,
@@ -323,12 +290,8 @@ def reference_worker(args, size: str, method: str) -> Tuple[str, List[str]]:
 
 
 def worker_args(args, size: str, method: str) -> List[str]:
-  return [f'--size={size}', f'--method={method}',
-          f'--batch_size={args.batch_size}',
-          f'--input_length={args.input_length}',
-          f'--target_length={args.target_length}', f'--dtype={args.dtype}',
-          f'--dropout={args.dropout}', f'--warmup={args.warmup}',
-          f'--seed={args.seed}', f'--matmul_size={args.matmul_size}',
+  return [*common.step_worker_flags(args, size, method),
+          f'--dropout={args.dropout}',
           *(f'--gin_bindings={b}' for b in args.gin_bindings)]
 
 
@@ -356,9 +319,11 @@ def measure_size(args, size: str, on_record: Callable[[Dict[str, Any]], None],
   running = {}
   measured = []
 
-  def start(method):
+  def start(method, launch=None):
     print(f'[{size} {method}] starting ...', flush=True)
-    if torch_reference_method(method):
+    if launch is not None:
+      script, flags = launch
+    elif torch_reference_method(method):
       if interleave != 'yes':
         raise ValueError(
             f'{method}: the PyTorch reference runs on CPU, taking turns with '
@@ -380,25 +345,32 @@ def measure_size(args, size: str, on_record: Callable[[Dict[str, Any]], None],
 
   try:
     def methods():
-      # The listed methods, then (--torch_reference=auto, once the JAX
-      # methods run on CPU) each JAX method's PyTorch reference not listed.
-      yield from args.methods
+      # (method, launch): the listed methods, then (--torch_reference=auto,
+      # once the JAX methods run on CPU) each JAX method's PyTorch reference
+      # not listed, unless the reference lacks what the run asks for.
+      for method in args.methods:
+        yield method, None
       if args.torch_reference == 'auto' and interleave == 'yes':
         for method in list(args.methods):
           reference = TORCH_PREFIX + method
-          if not torch_reference_method(method) and (
-              reference not in args.methods):
-            yield reference
+          if torch_reference_method(method) or reference in args.methods:
+            continue
+          try:
+            launch = reference_worker(args, size, reference)
+          except ValueError as e:
+            print(f'[{size} {reference}] skipped: {e}', flush=True)
+            continue
+          yield reference, launch
       elif args.torch_reference == 'auto' and interleave == 'no':
         print(f'[{size}] no PyTorch reference: it takes turns with JAX '
               'methods on CPU', flush=True)
 
-    for method in methods():
+    for method, launch in methods():
       if past_deadline():
         print(f'[{size} {method}] not started: past --deadline_s',
               flush=True)
         continue
-      worker = start(method)
+      worker = start(method, launch)
       measured.append(method)
       if interleave == 'auto':
         interleave = ('yes' if ready[method]['machine']['backend'] == 'cpu'

@@ -298,6 +298,37 @@ def test_no_configuration_starts_past_the_deadline(capsys):
   assert capsys.readouterr().out.count('not started: past --deadline_s') == 2
 
 
+def test_auto_torch_reference_skips_what_it_does_not_implement(capsys):
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser()
+  common.add_shape_flags(parser)
+  args = parser.parse_args(SHAPES)
+  args.__dict__.update(interleave='yes', torch_reference='auto', warmup=1,
+                       matmul_size=256, methods=['mov-10', 'ia3'])
+
+  def planned(gin_bindings):
+    args.gin_bindings = gin_bindings
+    train_step.measure_size(args, 'tiny', pytest.fail, lambda: True)
+    return capsys.readouterr().out
+
+  # Past the deadline nothing starts, but each planned reference is named.
+  out = planned([])
+  for method in ('mov-10', 'ia3', 'torch:mov-10', 'torch:ia3'):
+    assert f'[tiny {method}] not started: past --deadline_s' in out
+  # Top-k routing has no PyTorch version: the reference is skipped, saying
+  # why; IA3 has no router, so its reference still runs.
+  out = planned(['ROUTER_TOP_K = 2'])
+  assert ('[tiny torch:mov-10] skipped: PyTorch reference: site' in out
+          and 'only soft token-level routing' in out)
+  assert '[tiny torch:ia3] not started' in out
+  args.gin_bindings, args.dtype = [], 'bfloat16'
+  train_step.measure_size(args, 'tiny', pytest.fail, lambda: True)
+  out = capsys.readouterr().out
+  assert out.count('skipped: PyTorch reference: float32 only') == 2
+
+
 def test_peak_goal_is_the_small_model_on_cpu_and_large_on_accelerators():
   def record(size, backend):
     return {'kind': 'train_step', 'size': size, 'method': 'mov-10',
