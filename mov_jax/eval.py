@@ -283,10 +283,9 @@ def restore_params(cfg: EvalConfig, checkpoint, mesh=None):
     else:
       # As a fresh training run: initial adapters, then the base's weights.
       init_rng = jax.random.split(jax.random.PRNGKey(cfg.seed))[0]
-      params = jax.jit(lambda r: _init_variables(network, r)['params'],
-                       out_shardings=shardings)(init_rng)
-      params = train.overlay_params(
-          params, _load_base(checkpoint.path, network.config),
+      params = train.init_params(
+          lambda r: _init_variables(network, r)['params'], init_rng,
+          shardings, _load_base(checkpoint.path, network.config),
           checkpoint.path)
     if cfg.adapter_checkpoint_path:
       from mov_jax import checkpoints  # pylint: disable=g-import-not-at-top

@@ -30,6 +30,7 @@ from mov_jax import convert
 from mov_jax import gin_utils
 from mov_jax import network
 from mov_jax import optim
+from mov_jax import train
 from test_network import V10_TINY
 from test_network import V11_TINY
 from test_network import _batch
@@ -244,12 +245,27 @@ def test_imported_checkpoint_plus_fresh_mov_adapters_equals_base(
   base, _ = _tiny_gin()
   adapted, regex = _tiny_gin('mov')
   imported = checkpoints.load_t5x(model_dir, cfg)
-  fresh = _init_fn(adapted)(jax.random.PRNGKey(3))
-  adapters, _ = optim.split_trainable(fresh, regex)
-  assert adapters  # MoV vectors and routers, initialised fresh.
-  merged = optim.merge_params(adapters, imported)
+  # As a run from INITIAL_CHECKPOINT_PATH starts: the checkpoint's base
+  # weights, and only the adapters initialised.
+  key = jax.random.PRNGKey(3)
+  init = lambda k: adapted.init(k, **_batch(), enable_dropout=False)['params']
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shardings = jax.tree_util.tree_map(lambda _: device,
+                                     jax.eval_shape(init, key))
+  merged = train.init_params(init, key, shardings, imported, str(model_dir))
+  adapters, frozen = optim.split_trainable(merged, regex)
+  assert adapters  # MoV vectors and routers, initialised fresh ...
+  # ... to the values a full initialisation gives them.
+  _assert_same_params(adapters, optim.split_trainable(
+      _init_fn(adapted)(key), regex)[0])
+  _assert_same_params(frozen, imported)
   np.testing.assert_array_equal(np.asarray(_logits_fn(adapted)(merged)),
                                 np.asarray(_logits_fn(base)(params)))
+  other = _random_params(V11_TINY)  # other shapes: named, nothing built
+  with pytest.raises(ValueError, match=r'(?s)other/dir does not fit the '
+                     r'configured model.*key/kernel: checkpoint \(32, 36\), '
+                     r'model \(64, 64\)'):
+    train.init_params(init, key, shardings, other, 'other/dir')
 
 
 def test_wrong_config_lists_mismatches_and_names_the_gin_file(
