@@ -281,7 +281,7 @@ def restore_params(cfg: EvalConfig, checkpoint, mesh=None):
       _check_train_shapes(checkpoint.path, abstract)
       params = ts.restore_train_params(checkpoint.path, shardings)
     else:
-      # As a fresh training run: initial adapters, then the base's weights.
+      # As a fresh training run: the base's weights, fresh adapters.
       init_rng = jax.random.split(jax.random.PRNGKey(cfg.seed))[0]
       params = train.init_params(
           lambda r: _init_variables(network, r)['params'], init_rng,
