@@ -81,6 +81,7 @@ writes a list of records: `kind: "train_step"` per configuration, and
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -273,8 +274,17 @@ def torch_reference_method(method: str) -> Optional[str]:
 
 def reference_worker(args, size: str, method: str) -> Tuple[str, List[str]]:
   """The script and flags of a `torch:` method's worker. The gins are read
-  here, so that the worker imports neither JAX nor gin."""
-  import torch_reference  # pylint: disable=g-import-not-at-top
+  here, so that the worker imports neither JAX nor gin. Raises ValueError
+  for what the reference cannot run, PyTorch missing included."""
+  try:
+    import torch_reference  # pylint: disable=g-import-not-at-top
+    if importlib.util.find_spec('transformers') is None:
+      raise ImportError('No module named transformers')
+  except ImportError as e:
+    raise ValueError(
+        f'the PyTorch reference needs torch and transformers ({e}); install '
+        "them with pip install -e '.[test]', or pass --torch_reference=no."
+    ) from e
   torch_reference.check_dtype(args.dtype)
   cfg = common.train_config(
       size, torch_reference_method(method), batch_size=args.batch_size,

@@ -78,18 +78,22 @@ def main(argv=None) -> int:
     parser.error(f'DST {args.dst} exists and is not empty; pass --overwrite '
                  'to replace it.')
 
-  params, config = _read(args.source_format, args.src, _gin_config(args))
-  leaves = jax.tree_util.tree_leaves(params)
-  count = sum(int(np.prod(np.shape(x))) for x in leaves)
-  print(f'read {args.source_format} checkpoint {args.src}: {len(leaves)} '
-        f'arrays, {count:,} parameters')
-  print(f'config: {checkpoints.config_to_json(config)}')
-  print(f'  {checkpoints.suggest_gin(config)}')
-  if args.target_format == 'hf':
-    checkpoints.export_hf(params, config, args.dst, overwrite=args.overwrite)
-  else:
-    checkpoints.save_params(args.dst, params, config,
-                            overwrite=args.overwrite)
+  try:
+    params, config = _read(args.source_format, args.src, _gin_config(args))
+    leaves = jax.tree_util.tree_leaves(params)
+    count = sum(int(np.prod(np.shape(x))) for x in leaves)
+    print(f'read {args.source_format} checkpoint {args.src}: {len(leaves)} '
+          f'arrays, {count:,} parameters')
+    print(f'config: {checkpoints.config_to_json(config)}')
+    print(f'  {checkpoints.suggest_gin(config)}')
+    if args.target_format == 'hf':
+      checkpoints.export_hf(params, config, args.dst, overwrite=args.overwrite)
+    else:
+      checkpoints.save_params(args.dst, params, config,
+                              overwrite=args.overwrite)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   print(f'wrote {args.target_format} to {os.path.abspath(args.dst)}')
   return 0
 

@@ -126,8 +126,11 @@ class OptimizerConfig:
       return rsqrt
     if self.schedule == 'cosine':
       if not self.decay_steps or self.decay_steps <= warmup:
-        raise ValueError('The cosine schedule needs decay_steps > '
-                         f'warmup_steps, got decay_steps={self.decay_steps}.')
+        raise ValueError(
+            'The cosine schedule needs decay_steps > warmup_steps, got '
+            f'decay_steps={self.decay_steps}, warmup_steps={warmup} (set '
+            'optim.OptimizerConfig.decay_steps; runs/finetune.gin sets it '
+            'to TRAIN_STEPS).')
       return optax.warmup_cosine_decay_schedule(0.0, lr, warmup,
                                                 self.decay_steps)
     raise ValueError(f'Unknown learning-rate schedule {self.schedule!r}: use '

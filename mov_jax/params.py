@@ -71,14 +71,19 @@ def main(argv=None) -> int:
   if not args.gin_file:
     parser.error('pass a model gin file, e.g. --gin_file=models/t5_1_1_xl.gin '
                  '(and a method, e.g. --gin_file=methods/mov.gin)')
-  gin_utils.setup_from_args(args)
-  network = gin_utils.macro_value(
-      'NETWORK', 'Pass a model gin file, e.g. --gin_file=models/t5_1_1_xl.gin.')
   try:
-    regex = gin_utils.macro_value('TRAINABLE_REGEX')
-  except ValueError:
-    regex = ['.*']  # No method gin: full fine-tuning.
-  result = count(network, regex)
+    gin_utils.setup_from_args(args)
+    network = gin_utils.macro_value(
+        'NETWORK',
+        'Pass a model gin file, e.g. --gin_file=models/t5_1_1_xl.gin.')
+    try:
+      regex = gin_utils.macro_value('TRAINABLE_REGEX')
+    except ValueError:
+      regex = ['.*']  # No method gin: full fine-tuning.
+    result = count(network, regex)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   result['trainable_regex'] = list([regex] if isinstance(regex, str) else regex)
   if args.json:
     print(json.dumps(result))

@@ -373,6 +373,12 @@ def test_parameter_counts_of_the_paper(capsys):
   full = _params_json(capsys, '--gin_file=models/t5_1_1_tiny.gin',
                       '--gin_file=methods/full.gin')
   assert full['trainable'] == full['total']
+  gin.clear_config(clear_constants=True)
+  # A misspelt binding: an error line naming it, not a traceback.
+  assert params_cli.main(['--gin_file=models/t5_1_1_tiny.gin',
+                          '--gin.network.T5Config.emb_dimm=3']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and 'emb_dimm' in err
 
 
 def test_mixture_without_router_needs_one_expert():

@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import pytest
@@ -329,6 +330,14 @@ def test_auto_torch_reference_skips_what_it_does_not_implement(capsys):
   args.dtype = 'bfloat16'
   out = planned([])
   assert out.count('skipped: PyTorch reference: float32 only') == 2
+  # Without PyTorch (installed without the test extra) the run goes on
+  # without its references, saying how to install them.
+  args.dtype = 'float32'
+  with mock.patch.dict(sys.modules, {'torch_reference': None}):
+    out = planned([])
+  assert out.count("needs torch and transformers") == 2
+  assert "pip install -e '.[test]'" in out
+  assert '[tiny mov-10] not started' in out
 
 
 def test_peak_goal_is_the_small_model_on_cpu_and_large_on_accelerators():

@@ -96,6 +96,23 @@ def test_learning_rate_schedules():
     optim.OptimizerConfig(schedule='linear').learning_rate_fn()
 
 
+def test_run_gin_cosine_schedule_reaches_zero_at_train_steps(tmp_path):
+  import gin  # pylint: disable=g-import-not-at-top
+  from mov_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  from mov_jax import train  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin(['runs/demo.gin'], [
+        f"MODEL_DIR = '{tmp_path}'", 'TRAIN_STEPS = 110', 'WARMUP_STEPS = 10',
+        "LR_SCHEDULE = 'cosine'", 'LEARNING_RATE = 0.1'])
+    schedule = train.config_from_gin().optimizer.learning_rate_fn()
+  finally:
+    gin.clear_config()
+  assert float(schedule(10)) == pytest.approx(0.1)
+  assert float(schedule(60)) == pytest.approx(0.05, rel=1e-3)
+  assert float(schedule(110)) == pytest.approx(0.0, abs=1e-7)
+
+
 @pytest.mark.parametrize('name', ['adafactor', 'adamw'])
 def test_gradient_accumulation_averages_micro_batches(name):
   params = {'w': jnp.asarray(np.random.default_rng(2).normal(size=(4, 3)),
