@@ -937,6 +937,25 @@ def load_params(path, shardings=None) -> Tuple[Dict, network.T5Config]:
       allow_missing=True)
 
 
+def refuse_training_checkpoint(directory: str) -> None:
+  """A training run's checkpoint holds a TrainState, not base weights."""
+  from mov_jax import train_state  # pylint: disable=g-import-not-at-top
+  if train_state.is_train_checkpoint(directory):
+    kind = 'a step directory of a mov-jax training run'
+  elif train_state.list_train_checkpoints(directory):
+    kind = 'a mov-jax training run (MODEL_DIR)'
+  else:
+    return
+  raise ValueError(
+      f'{directory} is {kind}, not a base model checkpoint. To continue that '
+      'run, train again with its MODEL_DIR; to start a new run from what it '
+      'learned, pass its adapter export (<MODEL_DIR>/adapter) as '
+      'ADAPTER_CHECKPOINT_PATH and the base model as INITIAL_CHECKPOINT_PATH '
+      '(the export of a full fine-tuning run is a complete model: pass it as '
+      'INITIAL_CHECKPOINT_PATH). python -m mov_jax.eval reads training '
+      'checkpoints as they are.')
+
+
 def load_any(path, config: Optional[network.T5Config] = None, *,
              shardings=None) -> Dict:
   """Base parameters from our format, a Hugging Face directory or T5X.
@@ -946,10 +965,18 @@ def load_any(path, config: Optional[network.T5Config] = None, *,
   own; every base parameter must be present (adapters may come along).
   """
   directory = os.fspath(path)
+  refuse_training_checkpoint(directory)
   if os.path.isfile(os.path.join(directory, _OURS_CONFIG)):
     params, saved = load_params(directory, shardings)
-    check_params(traverse_util.flatten_dict(params, sep='/'), config or saved,
-                 f'Parameter checkpoint {directory}', allow_extra=True)
+    flat = traverse_util.flatten_dict(params, sep='/')
+    if not set(flat) & set(_expected_shapes(config or saved)):
+      raise ValueError(
+          f'{directory} holds no base model parameters, only {len(flat)} '
+          'others (an adapter export: the trainable parameters of a run). '
+          'Pass it as ADAPTER_CHECKPOINT_PATH, with the base model it was '
+          'trained on as INITIAL_CHECKPOINT_PATH (CHECKPOINT_PATH in eval).')
+    check_params(flat, config or saved, f'Parameter checkpoint {directory}',
+                 allow_extra=True)
     return params
   if os.path.isfile(os.path.join(directory, 'config.json')):
     params = load_hf(directory, config)

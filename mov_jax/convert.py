@@ -72,6 +72,11 @@ def main(argv=None) -> int:
   args = gin_utils.parse_args(parser, argv)
   if not os.path.exists(args.src):
     parser.error(f'SRC {args.src} does not exist.')
+  src, dst = (os.path.realpath(p) for p in (args.src, args.dst))
+  if os.path.commonpath([src, dst]) in (src, dst):
+    parser.error(f'DST {args.dst} and SRC {args.src} are the same directory '
+                 'or one holds the other; writing DST would change or remove '
+                 'the checkpoint being read. Choose a DST elsewhere.')
   dst_taken = os.path.isfile(args.dst) or (
       os.path.isdir(args.dst) and os.listdir(args.dst))
   if dst_taken and not args.overwrite:
@@ -79,6 +84,7 @@ def main(argv=None) -> int:
                  'to replace it.')
 
   try:
+    checkpoints.refuse_training_checkpoint(args.src)
     params, config = _read(args.source_format, args.src, _gin_config(args))
     leaves = jax.tree_util.tree_leaves(params)
     count = sum(int(np.prod(np.shape(x))) for x in leaves)
@@ -91,7 +97,7 @@ def main(argv=None) -> int:
     else:
       checkpoints.save_params(args.dst, params, config,
                               overwrite=args.overwrite)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, OSError) as e:  # OSError: DST's directory unwritable.
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(f'wrote {args.target_format} to {os.path.abspath(args.dst)}')

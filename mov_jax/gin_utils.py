@@ -71,7 +71,11 @@ def parse_args(parser: argparse.ArgumentParser,
   """Parses `argv` (default sys.argv[1:]) after rewriting `--gin.X=V`."""
   import sys  # pylint: disable=g-import-not-at-top
   argv = list(sys.argv[1:] if argv is None else argv)
-  return parser.parse_args(rewrite_gin_args(argv))
+  try:
+    argv = rewrite_gin_args(argv)
+  except ValueError as e:
+    parser.error(str(e))
+  return parser.parse_args(argv)
 
 
 def _resolve(path: str, search_paths: Iterable[str]) -> str:
@@ -136,12 +140,23 @@ def _quiet_include_search():
     root.removeFilter(flt)
 
 
+_MACRO_BINDING = re.compile(r'\s*([A-Za-z_]\w*)\s*=')
+_MACRO_REFERENCE = re.compile(r'%([A-Za-z_]\w*)')
+_MACRO_DEFINITION = re.compile(r'(?m)^([A-Za-z_]\w*) = ')
+
+
 def _parse_all(resolved: Sequence[str], bindings: Sequence[str]) -> None:
   for f in resolved:
     try:
       gin.parse_config_file(f, skip_unknown=False)
     except Exception as e:  # gin raises several types; name the file.
       raise ValueError(f'Could not parse gin file {f}: {e}') from e
+  # Macros the files define or use. gin takes a binding of any other macro
+  # as a new macro that nothing reads, so a misspelt --gin.TRAIN_STEPZ=10
+  # would be ignored without a word.
+  parsed = gin.config_str()
+  known = set(_MACRO_DEFINITION.findall(parsed)) | set(
+      _MACRO_REFERENCE.findall(parsed))
   for binding in bindings:
     try:
       gin.parse_config(binding, skip_unknown=False)
@@ -150,6 +165,23 @@ def _parse_all(resolved: Sequence[str], bindings: Sequence[str]) -> None:
           f'Could not parse gin binding {binding!r}: {e}. Bindings look like '
           '--gin.MACRO=value or --gin_bindings="module.fn.arg = value".'
       ) from e
+  for binding in bindings:  # A binding may define a macro another uses.
+    known.update(_MACRO_REFERENCE.findall(binding))
+  unused = [m.group(1) for m in map(_MACRO_BINDING.match, bindings)
+            if m and m.group(1) not in known]
+  if unused:
+    raise ValueError(
+        'No gin file given defines or uses the macro(s) ' + ', '.join(
+            _with_suggestion(name, known) for name in unused) +
+        ', so the binding would have no effect. Check the spelling, or '
+        'include the gin file that uses it (e.g. runs/finetune.gin for the '
+        'training macros, methods/mov.gin for NUM_EXPERTS).')
+
+
+def _with_suggestion(name: str, known: Iterable[str]) -> str:
+  import difflib  # pylint: disable=g-import-not-at-top
+  close = difflib.get_close_matches(name, sorted(known), n=1)
+  return f'{name} (did you mean {close[0]}?)' if close else name
 
 
 def macro_value(name: str, hint: str = '') -> Any:

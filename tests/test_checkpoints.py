@@ -540,6 +540,11 @@ def test_convert_cli(tmp_path, tiny_gin_checkpoint, capsys):
   err = capsys.readouterr().err
   assert err.startswith('error: ') and 't5_1_1_tiny.gin' in err
   assert not (tmp_path / 'x').exists()
+  # DST inside SRC would write into the checkpoint being read.
+  with pytest.raises(SystemExit):
+    convert.main(['--from', 'ours', str(ours), str(ours / 'sub')])
+  assert 'one holds the other' in capsys.readouterr().err
+  assert not (ours / 'sub').exists()
 
 
 def test_training_from_an_imported_t5x_checkpoint_starts_at_the_source(
@@ -572,3 +577,18 @@ def test_training_from_an_imported_t5x_checkpoint_starts_at_the_source(
   base = network.Transformer(base_cfg).apply({'params': source}, **batch,
                                              enable_dropout=False)
   np.testing.assert_array_equal(np.asarray(adapted), np.asarray(base))
+
+  # What INITIAL_CHECKPOINT_PATH must not be, each named for what it is.
+  with pytest.raises(ValueError, match='step directory of a mov-jax training '
+                     'run, not a base model.*MODEL_DIR'):
+    checkpoints.load_any(summary['checkpoint'], base_cfg)
+  with pytest.raises(ValueError, match=r'training run \(MODEL_DIR\)'):
+    checkpoints.load_any(str(tmp_path / 'run'), base_cfg)
+  adapter = {k: v for k, v in traverse_util.flatten_dict(
+      params, sep='/').items() if '_adapter/' in k}
+  checkpoints.save_params(tmp_path / 'adapter',
+                          traverse_util.unflatten_dict(adapter, sep='/'),
+                          base_cfg)
+  with pytest.raises(ValueError, match='only .* others .an adapter export.*'
+                     'ADAPTER_CHECKPOINT_PATH'):
+    checkpoints.load_any(str(tmp_path / 'adapter'), base_cfg)

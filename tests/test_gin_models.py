@@ -2,6 +2,7 @@
 
 import time
 
+import gin
 import jax
 import numpy as np
 import pytest
@@ -73,8 +74,36 @@ def test_gin_errors_name_the_problem(tmp_path):
     gin_utils.parse_gin([str(bad)])
 
 
+def test_a_binding_of_a_macro_nothing_uses_is_refused():
+  # gin itself would create TRAIN_STEPZ and train for TRAIN_STEPS.
+  with pytest.raises(ValueError, match=r'TRAIN_STEPZ \(did you mean '
+                     r'TRAIN_STEPS\?\)'):
+    gin_utils.parse_gin(['runs/demo.gin'], ['TRAIN_STEPZ = 2'],
+                        finalize=False)
+  gin.clear_config(clear_constants=True)
+  # NUM_EXPERTS belongs to the mixture method gins: IA3 has none.
+  with pytest.raises(ValueError, match='macro.s. NUM_EXPERTS, so the binding'):
+    gin_utils.parse_gin(['models/t5_1_1_tiny.gin', 'methods/ia3.gin'],
+                        ['NUM_EXPERTS = 30'], finalize=False)
+  gin.clear_config(clear_constants=True)
+  # A macro of the user's own, used by a later binding, is fine.
+  gin_utils.parse_gin(['models/t5_1_1_tiny.gin', 'methods/mov.gin'],
+                      ['MY_EXPERTS = 4', 'NUM_EXPERTS = %MY_EXPERTS'])
+  assert gin_utils.macro_value('NUM_EXPERTS') == 4
+
+
+def test_a_gin_flag_without_value_is_a_usage_error(capsys):
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser()
+  gin_utils.add_gin_flags(parser)
+  with pytest.raises(SystemExit) as exit_info:
+    gin_utils.parse_args(parser, ['--gin.TRAIN_STEPS'])
+  assert exit_info.value.code == 2
+  assert '--gin.TRAIN_STEPS needs a value' in capsys.readouterr().err
+
+
 def test_missing_macro_is_explained():
-  gin_utils.parse_gin([], ['X = 1'])
+  gin_utils.parse_gin(['data/p3.gin'])
   with pytest.raises(ValueError, match='NETWORK is not defined.*model gin'):
     gin_utils.macro_value('NETWORK', 'Include a model gin file.')
 
