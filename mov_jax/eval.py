@@ -13,7 +13,10 @@ gin/runs/eval.gin). CHECKPOINT_PATH is one of:
   * a training step directory `<MODEL_DIR>/checkpoints/<step>`;
   * a MODEL_DIR: every finished checkpoint under it, except steps whose
     results already exist in EVAL_OUTPUT_DIR (so rerunning it while
-    training goes on evaluates only the new steps);
+    training goes on evaluates only the new steps; results.json records the
+    resolved checkpoint path and the network, and results of another
+    checkpoint, model or settings under the same name are an error, never
+    skipped or overwritten);
   * a base checkpoint (ours, T5X or Hugging Face; `checkpoints.load_any`),
     whose adapters, if it has none, start as at initialisation (so the
     adapted network is the base model).
@@ -637,6 +640,7 @@ def write_results(cfg: EvalConfig, checkpoint: Checkpoint,
   ts.write_json(files['results'], {
       'checkpoint': checkpoint.path, 'name': checkpoint.name,
       'step': checkpoint.step, 'settings': cfg.settings(),
+      'identity': evaluated_identity(cfg, checkpoint),
       'score': ('length-normalised ' if cfg.length_normalize else '') +
                SCORE_DEFINITION,
       **results, 'files': files})
@@ -664,17 +668,87 @@ def describe(cfg: EvalConfig, checkpoint: Checkpoint,
   return '\n'.join(lines)
 
 
+def _resolved(path: Optional[str]) -> Optional[str]:
+  """A local path with its links resolved (remote paths as they are)."""
+  return path if not path or '://' in path else os.path.realpath(path)
+
+
+def _describe(value) -> Any:
+  """An adapter template as JSON: its class and fields; functions (e.g.
+  initialisers) by name, since their repr holds a memory address."""
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    fields = {f.name: _describe(getattr(value, f.name))
+              for f in dataclasses.fields(value)
+              if f.name not in ('parent', 'name')}
+    return {'class': type(value).__name__, **fields}
+  if callable(value):
+    return getattr(value, '__qualname__', type(value).__name__)
+  if isinstance(value, (list, tuple)):
+    return [_describe(v) for v in value]
+  return value
+
+
+def evaluated_identity(cfg: EvalConfig, checkpoint: Checkpoint
+                       ) -> Dict[str, Any]:
+  """What was evaluated (JSON): the resolved checkpoint (and adapter export)
+  and the network it was run as. Results of another identity under the same
+  name are never taken for this checkpoint's."""
+  from mov_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  adapters = cfg.network.adapters
+  network = checkpoints.config_to_json(cfg.network.config)
+  # Not part of what was computed: evaluation runs without dropout, and
+  # rematerialisation changes only memory.
+  for field in ('dropout_rate', 'remat_policy'):
+    network.pop(field, None)
+  return json.loads(json.dumps({
+      'checkpoint': _resolved(checkpoint.path),
+      'adapter_checkpoint': _resolved(cfg.adapter_checkpoint_path),
+      'network': network,
+      'adapters': None if adapters is None else _describe(adapters),
+  }, default=str))
+
+
+def _evaluated(identity: Mapping[str, Any]) -> str:
+  adapter = identity.get('adapter_checkpoint')
+  return str(identity.get('checkpoint')) + (
+      f' with the adapter export {adapter}' if adapter else '')
+
+
 def _previously_evaluated(cfg: EvalConfig, checkpoint: Checkpoint) -> bool:
+  """Whether EVAL_OUTPUT_DIR holds this checkpoint's results with these
+  settings; results of anything else under its name are an error (never
+  skipped, never overwritten)."""
   path = os.path.join(cfg.output_dir, checkpoint.name, RESULTS_FILE)
   if not tf.io.gfile.exists(path):
     return False
   with tf.io.gfile.GFile(path) as f:
-    previous = json.load(f).get('settings')
-  if previous != cfg.settings():
+    previous = json.load(f)
+  other_dir = ('Use another EVAL_OUTPUT_DIR for this evaluation (the '
+               'results there are kept).')
+  identity = evaluated_identity(cfg, checkpoint)
+  recorded = previous.get('identity')
+  if recorded is None:
+    # Written before the identity was recorded: the checkpoint path alone
+    # does not tell which model and method were evaluated, so skipping
+    # could pass another model's results off as these.
+    raise ValueError(
+        f'{path} holds results of {checkpoint.name} (checkpoint '
+        f"{previous.get('checkpoint')}) that do not record which checkpoint "
+        f'and model they are of (written by an older mov-jax), so they '
+        f'cannot be verified to be of {checkpoint.path} with the configured '
+        f'model. {other_dir}')
+  if recorded != identity:
+    differ = ', '.join(k for k in identity if recorded.get(k) != identity[k])
+    raise ValueError(
+        f'{path} holds results of {checkpoint.name} of {_evaluated(recorded)}, '
+        f'not of {_evaluated(identity)} as configured now (they differ in: '
+        f'{differ}). {other_dir}')
+  if previous.get('settings') != cfg.settings():
     raise ValueError(
         f'{path} holds results of {checkpoint.name} made with other settings '
-        f'({previous}, now {cfg.settings()}). Use another EVAL_OUTPUT_DIR '
-        'for other settings, or delete that directory to redo it.')
+        f"({previous.get('settings')}, now {cfg.settings()}). Use another "
+        'EVAL_OUTPUT_DIR for other settings, or delete that directory to '
+        'redo it.')
   return True
 
 
@@ -690,6 +764,23 @@ def _check_output_dir(cfg: EvalConfig, found: Sequence[Checkpoint]) -> None:
           f'EVAL_OUTPUT_DIR {cfg.output_dir} lies inside the checkpoint '
           f'{path}, which evaluation never writes to. Choose a directory '
           'outside it, e.g. <MODEL_DIR>/eval.')
+
+
+def _prepare_output_dir(output_dir: str) -> None:
+  """Creates EVAL_OUTPUT_DIR and checks that files can be written there,
+  before hours of scoring rather than after."""
+  probe = os.path.join(output_dir, f'.write_check_{jax.process_index()}')
+  try:
+    tf.io.gfile.makedirs(output_dir)
+    with tf.io.gfile.GFile(probe, 'w') as f:
+      f.write('')
+    tf.io.gfile.remove(probe)
+  except (OSError, tf.errors.OpError) as e:
+    raise ValueError(
+        f'EVAL_OUTPUT_DIR {output_dir} cannot be created or written to '
+        f'({type(e).__name__}: {e}). Set --gin.EVAL_OUTPUT_DIR to a writable '
+        'directory (it is created if missing). Nothing was evaluated.'
+    ) from e
 
 
 def evaluate(cfg: EvalConfig) -> List[Dict[str, Any]]:
@@ -717,7 +808,9 @@ def evaluate(cfg: EvalConfig) -> List[Dict[str, Any]]:
   summaries = []
   for checkpoint in todo:
     params = restore_params(cfg, checkpoint, mesh)
-    data = data or load_tasks(cfg)  # once, after the first restore worked
+    if data is None:  # once, after the first restore worked
+      _prepare_output_dir(cfg.output_dir)
+      data = load_tasks(cfg)
     results, score_records, prediction_records = evaluate_params(
         cfg, params, data, mesh)
     extra = {}
@@ -930,7 +1023,8 @@ def main(argv=None) -> int:
   try:
     gin_utils.setup_binary(args)
     summaries = evaluate(config_from_gin())
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, OSError, tf.errors.OpError) as e:
+    # OSError / OpError: e.g. a file that cannot be read or written.
     print(f'error: {e}', file=sys.stderr)
     return 2
   if jax.process_index() == 0:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -181,14 +182,33 @@ def test_model_dir_evaluates_each_step_once(run, model_dir_eval, capsys):
   assert list((out / 'tensorboard').glob('events.out.tfevents.*'))
   stamps = {p: p.stat().st_mtime_ns for p in out.rglob('*') if p.is_file()}
   capsys.readouterr()
-  assert _evaluate(run / 'model', out, *MODEL_DIR_BINDINGS) == []
+  # The same checkpoints, also when reached through a link.
+  (run / 'model_link').symlink_to(run / 'model')
+  assert _evaluate(run / 'model_link', out, *MODEL_DIR_BINDINGS) == []
   printed = capsys.readouterr().out
   assert 'Skipping step_10' in printed and 'Skipping step_20' in printed
-  assert {p: p.stat().st_mtime_ns for p in out.rglob('*')
-          if p.is_file()} == stamps
   # Other settings never mix with earlier results in one EVAL_OUTPUT_DIR.
   with pytest.raises(ValueError, match='other settings'):
     _evaluate(run / 'model', out, 'LENGTH_NORMALIZE = True')
+  # Nor does another checkpoint or model under the same name (step_20).
+  other = run / 'other_model' / 'checkpoints' / '20'
+  shutil.copytree(run / 'model' / 'checkpoints' / '20', other)
+  with pytest.raises(ValueError, match='differ in: checkpoint') as error:
+    _evaluate(other, out)
+  assert str(run / 'model' / 'checkpoints' / '20') in str(error.value)
+  assert str(other) in str(error.value)
+  assert 'another EVAL_OUTPUT_DIR' in str(error.value)
+  with pytest.raises(ValueError, match=r'differ in: adapters\)'):
+    _evaluate(run / 'model', out, 'ROUTER_TOP_K = 2')  # same shapes
+  # Results without the identity (older mov-jax) are not taken on trust.
+  legacy = json.loads((out / 'step_20' / 'results.json').read_text())
+  del legacy['identity']
+  (run / 'legacy' / 'step_20').mkdir(parents=True)
+  (run / 'legacy' / 'step_20' / 'results.json').write_text(json.dumps(legacy))
+  with pytest.raises(ValueError, match='cannot be verified'):
+    _evaluate(run / 'model' / 'checkpoints' / '20', run / 'legacy')
+  assert {p: p.stat().st_mtime_ns for p in out.rglob('*')
+          if p.is_file()} == stamps
   assert _tree_digest(run / 'model' / 'checkpoints') == model_dir_eval['digest']
 
 
@@ -276,6 +296,12 @@ def test_missing_macros_and_bad_paths_exit_2(run, capsys):
   code, err = evaluate(step, run / 'out', '--gin.NUM_EXPERTS=4')
   assert code == 2 and 'does not match the configured model' in err
   assert 'mov_scaling' in err and 'Nothing was changed' in err
+  # An EVAL_OUTPUT_DIR that cannot be written to fails before any scoring.
+  not_a_dir = run / 'not_a_dir'
+  not_a_dir.write_text('kept')
+  code, err = evaluate(step, not_a_dir)
+  assert code == 2 and f'EVAL_OUTPUT_DIR {not_a_dir} cannot be created' in err
+  assert 'not a directory' in err and not_a_dir.read_text() == 'kept'
   assert _tree_digest(run / 'model' / 'checkpoints') == before
   assert not (run / 'out').exists()
 
