@@ -40,13 +40,14 @@ test: $(STAMP)
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest $(PYTEST_FLAGS) tests
 
 # On whatever backend JAX finds (CPU, GPU or TPU); not part of the tests.
+# --overwrite: $(BENCH_OUT) holds the latest run, which this one replaces.
 bench: $(STAMP)
 	mkdir -p $(BENCH_OUT)
-	$(TUNED) $(BIN)/python bench/train_step.py --out=$(BENCH_OUT)/train_step.json
-	$(TUNED) $(BIN)/python bench/matmul_floor.py --out=$(BENCH_OUT)/matmul_floor.json
-	$(TUNED) $(BIN)/python bench/packing.py --out=$(BENCH_OUT)/packing.json
-	$(TUNED) $(BIN)/python bench/scaling.py --out=$(BENCH_OUT)/scaling.json
-	$(TUNED) $(BIN)/python bench/scoring.py --out=$(BENCH_OUT)/scoring.json
+	$(TUNED) $(BIN)/python bench/train_step.py --overwrite --out=$(BENCH_OUT)/train_step.json
+	$(TUNED) $(BIN)/python bench/matmul_floor.py --overwrite --out=$(BENCH_OUT)/matmul_floor.json
+	$(TUNED) $(BIN)/python bench/packing.py --overwrite --out=$(BENCH_OUT)/packing.json
+	$(TUNED) $(BIN)/python bench/scaling.py --overwrite --out=$(BENCH_OUT)/scaling.json
+	$(TUNED) $(BIN)/python bench/scoring.py --overwrite --out=$(BENCH_OUT)/scoring.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -15,7 +15,8 @@
   several configurations can take turns step by step and share the
   machine's load; `TimedStepWorker`, what train_step.py's workers (ours
   and the PyTorch reference) share;
-* `add_shape_flags`, `report`: the flags and the output the scripts share.
+* `add_shape_flags`, the `check_*` functions, `report`: the flags the
+  scripts share, their checks before anything runs, and the output.
 """
 
 import contextlib
@@ -102,14 +103,15 @@ def machine_info() -> Dict[str, Any]:
 
 def method_gin(method: str) -> Tuple[str, List[str]]:
   """'mov-30' -> ('methods/mov.gin', ['NUM_EXPERTS = 30'])."""
-  name, _, experts = method.partition('-')
+  name, dash, experts = method.partition('-')
   if name not in ('full', 'ia3', 'lora', 'mov', 'molora'):
     raise ValueError(f'Unknown method {method!r}: use full, ia3, lora, '
                      'mov-E or molora-E (E experts).')
+  if bool(dash) != (name in ('mov', 'molora')) or (
+      dash and not (experts.isdigit() and int(experts) > 0)):
+    raise ValueError(f'{method!r}: give mov and molora a positive expert '
+                     'count (mov-10) and the other methods none.')
   bindings = [f'NUM_EXPERTS = {int(experts)}'] if experts else []
-  if bool(experts) != (name in ('mov', 'molora')):
-    raise ValueError(f'{method!r}: give mov and molora an expert count '
-                     '(mov-10) and the other methods none.')
   return f'methods/{name}.gin', bindings
 
 
@@ -581,8 +583,102 @@ def add_shape_flags(parser) -> None:
   parser.add_argument('--dropout', type=float, default=0.0,
                       help='DROPOUT_RATE, the same for every configuration.')
   parser.add_argument('--seed', type=int, default=0)
+  add_out_flags(parser)
+
+
+def add_out_flags(parser) -> None:
+  """--out and --overwrite (see `check_out`)."""
   parser.add_argument('--out', default='', help='Write the records here '
-                      '(JSON).')
+                      '(JSON); its directory must exist.')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='Replace --out when it already holds results '
+                      '(make bench does, for bench/results/latest).')
+
+
+# Checks of the flags, in the parent before anything is measured: a bad
+# value is a usage error (exit 2) naming the flag, not a traceback from a
+# worker after earlier configurations ran.
+
+
+def check_at_least(parser, args, minimum: int, *names: str) -> None:
+  """Each integer flag `names` (as in `args`) is at least `minimum`."""
+  for name in names:
+    value = getattr(args, name)
+    if value < minimum:
+      parser.error(f'--{name}={value}: must be at least {minimum}.')
+
+
+def check_out(parser, args) -> None:
+  """`args.out` can be written, and holds no earlier results unless
+  --overwrite (or --append, where the script has it) says what to do with
+  them. A missing directory is an error, not created: a typo in the path
+  should not leave results somewhere unexpected (make bench creates its
+  own)."""
+  path = args.out
+  if not path:
+    return
+  appends = getattr(args, 'append', False)
+  if appends and args.overwrite:
+    parser.error('--append keeps the records in --out and --overwrite '
+                 'replaces them: give one of the two.')
+  directory = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    parser.error(f'--out={path} is a directory: give a file name, e.g. '
+                 f'--out={os.path.join(path, "results.json")}.')
+  if not os.path.isdir(directory):
+    parser.error(f'--out={path}: the directory {directory} does not exist; '
+                 f'create it (mkdir -p {directory}) or give another --out.')
+  if not os.access(directory, os.W_OK | os.X_OK):
+    parser.error(f'--out={path}: cannot write in {directory}; give another '
+                 '--out.')
+  if os.path.exists(path) and os.path.getsize(path) and not (
+      appends or args.overwrite):
+    append = ', --append to add to its records' if hasattr(
+        args, 'append') else ''
+    parser.error(f'--out={path} already holds results: pass --overwrite to '
+                 f'replace them{append}, or give another --out.')
+
+
+def check_methods(parser, flag: str, methods: Sequence[str]) -> None:
+  """Each of `methods` (given by `flag`) is one `method_gin` knows."""
+  if not methods:
+    parser.error(f'{flag}: give at least one method (full, ia3, lora, '
+                 'mov-E, molora-E).')
+  for method in methods:
+    try:
+      method_gin(method)
+    except ValueError as e:
+      parser.error(f'{flag}: {e}')
+
+
+def model_sizes() -> List[str]:
+  """The <size> of every models/t5_1_1_<size>.gin of mov-jax."""
+  from mov_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  return sorted(p.name[len('t5_1_1_'):-len('.gin')]
+                for p in (gin_utils.gin_dir() / 'models').glob('t5_1_1_*.gin'))
+
+
+def check_configs(parser, args, size_flag: str, sizes: Sequence[str],
+                  methods: Sequence[str],
+                  extra_bindings: Sequence[str] = ()) -> None:
+  """Reads the gins of every (size, method) with the flags' shapes and
+  bindings, as the workers will (a fraction of a second each): a missing
+  model gin or a bad binding fails now."""
+  if not sizes:
+    parser.error(f'{size_flag}: give at least one model size.')
+  for size in sizes:
+    for method in methods:
+      try:
+        train_config(size, method, batch_size=args.batch_size,
+                     input_length=args.input_length,
+                     target_length=args.target_length, dtype=args.dtype,
+                     dropout=args.dropout, extra_bindings=extra_bindings)
+      except FileNotFoundError:
+        parser.error(f'{size_flag}: no model gin for {size!r}; give one of '
+                     f'{", ".join(model_sizes())} (gin/models/t5_1_1_<size>'
+                     '.gin) or the path of a model .gin file.')
+      except ValueError as e:
+        parser.error(f'{size} {method}: {e}')
 
 
 # ------------------------------------------------------------------ output

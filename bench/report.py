@@ -15,11 +15,22 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
 def load(directory: str, name: str) -> Optional[List[Dict[str, Any]]]:
+  """The records in `directory`/`name` (None if it does not exist); raises
+  ValueError naming the file where it holds no list of records."""
   path = os.path.join(directory, name)
   if not os.path.exists(path):
     return None
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+  try:
+    with open(path, encoding='utf-8') as f:
+      records = json.load(f)
+  except ValueError as e:  # not JSON (or not UTF-8)
+    raise ValueError(f'{path} is not valid JSON ({e}); rerun its benchmark '
+                     'or move the file away.') from e
+  if not isinstance(records, list) or not all(
+      isinstance(r, dict) for r in records):
+    raise ValueError(f'{path} does not hold a list of benchmark records; '
+                     'rerun its benchmark or move the file away.')
+  return records
 
 
 def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
@@ -166,11 +177,22 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('directory')
   args = parser.parse_args(argv)
+  if not os.path.isdir(args.directory):
+    parser.error(f'{args.directory} is not a directory; give one that '
+                 'make bench (or bench/*.py --out) wrote results into.')
   parts = []
   for name, section in SECTIONS:
-    records = load(args.directory, name)
-    if records:
-      parts.append(section(records))
+    try:
+      records = load(args.directory, name)
+      if records:
+        parts.append(section(records))
+    except ValueError as e:
+      parser.error(str(e))
+    except (KeyError, IndexError, TypeError) as e:
+      # Records of another benchmark, or of an older version of it.
+      parser.error(f'{os.path.join(args.directory, name)}: not the records '
+                   f'its benchmark writes ({type(e).__name__}: {e}); rerun '
+                   'it or move the file away.')
   if not parts:
     print(f'No benchmark results (*.json of make bench) in '
           f'{args.directory}.', file=sys.stderr)

@@ -30,7 +30,10 @@ SCRIPT = os.path.abspath(__file__)
 
 
 def parse_mesh(text: str):
+  """'2x1' -> (2, 1); ValueError unless two positive integers."""
   data, model = (int(x) for x in text.lower().split('x'))
+  if data < 1 or model < 1:
+    raise ValueError(text)
   return data, model
 
 
@@ -92,12 +95,27 @@ def main(argv: Optional[List[str]] = None) -> int:
   args = parser.parse_args(argv)
   if args.worker:
     return worker_main(args)
-  meshes = [parse_mesh(m) for m in args.meshes.split(',') if m]
+  common.check_at_least(parser, args, 1, 'batch_size', 'input_length',
+                        'target_length', 'steps')
+  meshes = []
+  for text in (m for m in args.meshes.split(',') if m):
+    try:
+      data, model = parse_mesh(text)
+    except ValueError:
+      parser.error(f'--meshes: {text!r} is not a DATAxMODEL mesh of '
+                   'positive integers, e.g. 2x1.')
+    if args.batch_size % data:
+      parser.error(f'--meshes: {text} splits the batch over {data} '
+                   f'data-parallel devices, but --batch_size='
+                   f'{args.batch_size} is not divisible by {data}; use a '
+                   'multiple of it or drop the mesh.')
+    meshes.append((data, model))
   if (1, 1) not in meshes:
     meshes.insert(0, (1, 1))
   methods = [m for m in args.methods.split(',') if m]
-  for method in methods:
-    common.method_gin(method)
+  common.check_out(parser, args)
+  common.check_methods(parser, '--methods', methods)
+  common.check_configs(parser, args, '--size', [args.size], methods)
 
   passed = [a for a in (argv if argv is not None else sys.argv[1:])
             if not a.startswith(('--out', '--meshes'))]

@@ -89,16 +89,23 @@ def main(argv=None) -> int:
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--tolerance', type=float, default=1e-3,
                       help='Largest allowed |encode-once - tiled| score.')
-  parser.add_argument('--out', default='',
-                      help='Write the records as JSON to this file.')
+  common.add_out_flags(parser)
   args = gin_utils.parse_args(parser, argv)
-  if args.repeats < 1 or args.batch_size < 1:
-    parser.error('--repeats and --batch_size must be positive.')
+  common.check_at_least(parser, args, 1, 'repeats', 'batch_size',
+                        'num_choices', 'input_length')
+  # Each choice has at least one token before its EOS.
+  common.check_at_least(parser, args, 2, 'target_length')
+  common.check_at_least(parser, args, 0, 'warmup')
+  common.check_out(parser, args)
   if not args.gin_file:
     args.gin_file = [DEFAULT_GIN_FILE]
-  gin_utils.setup_from_args(args, extra_bindings=DEFAULT_BINDINGS)
-  network = gin_utils.macro_value(
-      'NETWORK', f'Pass a model gin file, e.g. --gin_file={DEFAULT_GIN_FILE}.')
+  try:
+    gin_utils.setup_from_args(args, extra_bindings=DEFAULT_BINDINGS)
+    network = gin_utils.macro_value(
+        'NETWORK', 'Pass a model gin file, e.g. '
+        f'--gin_file={DEFAULT_GIN_FILE}.')
+  except (ValueError, FileNotFoundError) as e:
+    parser.error(str(e))
 
   data = make_data(args.batch_size, args.num_choices, args.input_length,
                    args.target_length, network.config.vocab_size, args.seed)

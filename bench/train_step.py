@@ -77,7 +77,9 @@ taking turns with ours; `kind: "reference"` records compare the two
 
 Not a test: speed depends on the machine and its load. --out FILE.json
 writes a list of records: `kind: "train_step"` per configuration, and
-`kind: "target"` for the issue's ratio goals (measured in this run).
+`kind: "target"` for the issue's ratio goals (measured in this run); a FILE
+that already holds results is replaced only with --overwrite, or added to
+with --append.
 """
 
 import argparse
@@ -532,12 +534,17 @@ def reference_comparisons(records: List[Dict[str, Any]]
 
 def previous_records(path: str) -> List[Dict[str, Any]]:
   """The `train_step` records already in `path` (none if it does not
-  exist)."""
-  if not path or not os.path.exists(path):
+  exist or is empty)."""
+  if not path or not os.path.exists(path) or not os.path.getsize(path):
     return []
-  with open(path, encoding='utf-8') as f:
-    previous = json.load(f)
-  if not isinstance(previous, list):
+  try:
+    with open(path, encoding='utf-8') as f:
+      previous = json.load(f)
+  except ValueError as e:  # not JSON (or not UTF-8)
+    raise ValueError(f'--append: {path} is not a JSON file of benchmark '
+                     f'records ({e}); give another --out.') from e
+  if not isinstance(previous, list) or not all(
+      isinstance(r, dict) for r in previous):
     raise ValueError(f'--append: {path} does not hold a list of benchmark '
                      'records; give another --out.')
   return [r for r in previous if r.get('kind') == 'train_step']
@@ -618,14 +625,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     return worker_main(args)
   args.sizes = [s for s in args.sizes.split(',') if s]
   args.methods = [m for m in args.methods.split(',') if m]
-  for method in args.methods:
-    # Fail early on a bad name.
-    common.method_gin(torch_reference_method(method) or method)
-  if args.steps < 1:
-    parser.error('--steps must be positive.')
+  common.check_at_least(parser, args, 1, 'batch_size', 'input_length',
+                        'target_length', 'steps', 'matmuls')
+  common.check_at_least(parser, args, 0, 'warmup', 'matmul_size')
+  common.check_out(parser, args)
+  ours = list(dict.fromkeys(torch_reference_method(m) or m
+                            for m in args.methods))
+  common.check_methods(parser, '--methods', ours)
+  common.check_configs(parser, args, '--sizes', args.sizes, ours,
+                       args.gin_bindings)
+  try:
+    previous = previous_records(args.out) if args.append else []
+  except ValueError as e:
+    parser.error(str(e))
 
   start = time.time()
-  previous = previous_records(args.out) if args.append else []
   records = []
 
   def on_record(record):

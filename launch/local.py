@@ -40,8 +40,15 @@ def launch(command, num_processes: int, devices_per_process: int,
     args = list(command) + [f'--coordinator_address=127.0.0.1:{port}',
                             f'--num_processes={num_processes}',
                             f'--process_id={i}']
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    try:
+      proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    except OSError:
+      # The processes already started would wait for this one forever.
+      for p in procs:
+        p.kill()
+        p.wait()
+      raise
     thread = threading.Thread(target=_pump, args=(proc.stdout, i, sys.stdout),
                               daemon=True)
     thread.start()
@@ -60,19 +67,26 @@ def launch(command, num_processes: int, devices_per_process: int,
   return next((c for c in codes if c), 0)
 
 
-def main() -> int:
+def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument('--num_processes', type=int, default=2)
   parser.add_argument('--devices_per_process', type=int, default=4)
   parser.add_argument('--timeout', type=float, default=3600.0)
   parser.add_argument('command', nargs=argparse.REMAINDER)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   command = args.command[1:] if args.command[:1] == ['--'] else args.command
   if not command:
     parser.error('give the command to run after --')
-  return launch(command, args.num_processes, args.devices_per_process,
-                args.timeout)
+  for flag in ('num_processes', 'devices_per_process', 'timeout'):
+    if getattr(args, flag) <= 0:
+      parser.error(f'--{flag}={getattr(args, flag)}: must be positive.')
+  try:
+    return launch(command, args.num_processes, args.devices_per_process,
+                  args.timeout)
+  except OSError as e:
+    parser.error(f'cannot start {command[0]!r}: {e.strerror or e}; give an '
+                 'executable (a path, or a name on PATH) after --.')
 
 
 if __name__ == '__main__':

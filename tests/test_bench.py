@@ -186,6 +186,85 @@ def test_train_step_benchmark_runs_the_torch_reference_alongside(tmp_path):
   assert 'Against the PyTorch reference' in report
 
 
+def _usage_error(capsys, script, *argv):
+  """What `script`'s main(argv) says as it stops with a usage error (exit
+  2), in this process: flags are checked before anything is measured."""
+  module = __import__(script)
+  with pytest.raises(SystemExit) as stop:
+    module.main(list(argv))
+  assert stop.value.code == 2
+  err = capsys.readouterr().err
+  assert 'usage:' in err and 'Traceback' not in err
+  return err
+
+
+TINY = ['--sizes=tiny', '--torch_reference=no']
+
+
+@pytest.mark.parametrize('script, argv, message', [
+    ('train_step', [*TINY, '--methods=mov'],
+     "--methods: 'mov': give mov and molora a positive expert count"),
+    ('train_step', [*TINY, '--methods=ia3,adapter'],
+     "--methods: Unknown method 'adapter': use full, ia3"),
+    ('train_step', ['--sizes=huge', '--methods=ia3'],
+     "--sizes: no model gin for 'huge'; give one of base, large, small, "
+     'tiny'),
+    ('train_step', [*TINY, '--methods=ia3', '--batch_size=0'],
+     '--batch_size=0: must be at least 1.'),
+    ('train_step', [*TINY, '--methods=ia3',
+                    '--gin_bindings=network.T5Config.remat_polcy = 1'],
+     "tiny ia3: Could not parse gin binding 'network.T5Config.remat_polcy"),
+    ('packing', ['--size=tiny', '--method=foo'],
+     "--method: Unknown method 'foo'"),
+    ('matmul_floor', ['--sizes=tiny', '--methods=foo'],
+     "--methods: Unknown method 'foo'"),
+    ('scaling', ['--meshes=1x1,foo'],
+     "--meshes: 'foo' is not a DATAxMODEL mesh of positive integers"),
+    ('scaling', ['--meshes=3x1', '--batch_size=8'],
+     '--meshes: 3x1 splits the batch over 3 data-parallel devices, but '
+     '--batch_size=8 is not divisible by 3'),
+])
+def test_bad_flags_are_usage_errors_naming_them(capsys, script, argv,
+                                                message):
+  assert message in _usage_error(capsys, script, *argv)
+
+
+def test_out_keeps_earlier_results_unless_told_and_needs_its_directory(
+    capsys, tmp_path):
+  out = tmp_path / 'train_step.json'
+  recorded = '[{"kind": "train_step", "size": "tiny", "method": "ia3"}]\n'
+  out.write_text(recorded)
+  err = _usage_error(capsys, 'train_step', *TINY, '--methods=ia3',
+                     f'--out={out}')
+  assert (f'--out={out} already holds results: pass --overwrite to replace '
+          'them, --append to add to its records' in err)
+  for script, argv in (('matmul_floor', ['--sizes=tiny']),
+                       ('packing', ['--size=tiny']), ('scaling', []),
+                       ('scoring', [])):
+    err = _usage_error(capsys, script, *argv, f'--out={out}')
+    assert 'already holds results: pass --overwrite' in err, script
+  # With --overwrite (as make bench passes) or --append, --out is fine and
+  # the next check speaks.
+  for flag in ('--overwrite', '--append'):
+    err = _usage_error(capsys, 'train_step', *TINY, '--methods=foo', flag,
+                       f'--out={out}')
+    assert "Unknown method 'foo'" in err
+  assert out.read_text() == recorded
+  out.write_text('[{"kind": ')  # a run stopped while writing by hand
+  err = _usage_error(capsys, 'train_step', *TINY, '--methods=ia3',
+                     '--append', f'--out={out}')
+  assert f'--append: {out} is not a JSON file of benchmark records' in err
+  assert out.read_text() == '[{"kind": '
+  missing = tmp_path / 'nodir' / 'x.json'
+  err = _usage_error(capsys, 'train_step', *TINY, '--methods=ia3',
+                     f'--out={missing}')
+  assert f'the directory {missing.parent} does not exist' in err
+  # report.py names the file it cannot read.
+  out.rename(tmp_path / 'scaling.json')
+  err = _usage_error(capsys, 'report', str(tmp_path))
+  assert f'{tmp_path / "scaling.json"} is not valid JSON' in err
+
+
 def test_torch_reference_needs_turns_with_jax_on_cpu():
   with pytest.raises(ValueError, match='list it after a JAX method'):
     train_step.main(['--sizes=tiny', '--methods=torch:ia3,ia3',

@@ -222,6 +222,22 @@ def test_two_processes_train_and_resume_with_jax_distributed(tmp_path):
   assert all(np.isfinite(v) for v in losses.values())
 
 
+def test_local_launcher_refuses_what_it_cannot_run():
+  launcher = pathlib.Path(__file__).parents[1] / 'launch' / 'local.py'
+
+  def launch(*argv):
+    return subprocess.run([sys.executable, str(launcher), *argv],
+                          capture_output=True, text=True, timeout=60)
+
+  none = launch('--num_processes=0', '--', sys.executable, '-c', 'print(1)')
+  assert none.returncode == 2 and not none.stdout
+  assert 'error: --num_processes=0: must be positive.' in none.stderr
+  missing = launch('--num_processes=1', '--', 'nonexistent_binary_xyz')
+  assert missing.returncode == 2 and 'Traceback' not in missing.stderr
+  assert ("error: cannot start 'nonexistent_binary_xyz': No such file or "
+          'directory' in missing.stderr)
+
+
 def test_a_computation_too_big_for_a_device_fails_before_it_runs():
   from mov_jax import partitioning  # pylint: disable=g-import-not-at-top
   limit = partitioning.device_memory_bytes()
