@@ -120,9 +120,24 @@ def train_config(size: str, method: str, *, batch_size: int,
                  dropout: float, extra_bindings: Sequence[str] = ()):
   """The `train.TrainConfig` of `models/t5_1_1_<size>.gin` + a method gin +
   `runs/finetune.gin`, with the benchmark's shapes and dtype."""
+  from mov_jax import train  # pylint: disable=g-import-not-at-top
+  parse_config(size, method, batch_size=batch_size,
+               input_length=input_length, target_length=target_length,
+               dtype=dtype, dropout=dropout, extra_bindings=extra_bindings)
+  return train.config_from_gin()
+
+
+def parse_config(size: str, method: str, *, batch_size: int,
+                 input_length: int, target_length: int, dtype: str,
+                 dropout: float, extra_bindings: Sequence[str] = ()
+                 ) -> List[str]:
+  """Parses `train_config`'s gins; returns the macros of `extra_bindings`
+  that this configuration's gins do not use. `extra_bindings` apply to
+  every configuration of a run, so a macro only some methods have (e.g.
+  ROUTER_TOP_K) is left out of the others (`check_configs` catches one no
+  configuration uses)."""
   import gin  # pylint: disable=g-import-not-at-top
   from mov_jax import gin_utils  # pylint: disable=g-import-not-at-top
-  from mov_jax import train  # pylint: disable=g-import-not-at-top
   method_file, method_bindings = method_gin(method)
   model_file = size if size.endswith('.gin') else f'models/t5_1_1_{size}.gin'
   bindings = [f"ACTIVATION_DTYPE = '{dtype}'", f'DROPOUT_RATE = {dropout}',
@@ -130,9 +145,9 @@ def train_config(size: str, method: str, *, batch_size: int,
               "TASK_FEATURE_LENGTHS = {'inputs': %d, 'targets': %d}" % (
                   input_length, target_length)]
   gin.clear_config()
-  gin_utils.parse_gin([model_file, method_file, 'runs/finetune.gin'],
-                      bindings + method_bindings + list(extra_bindings))
-  return train.config_from_gin()
+  return gin_utils.parse_gin([model_file, method_file, 'runs/finetune.gin'],
+                             bindings + method_bindings + list(extra_bindings),
+                             allow_unused_macros=True)
 
 
 def count_params(tree) -> int:
@@ -664,21 +679,31 @@ def check_configs(parser, args, size_flag: str, sizes: Sequence[str],
   """Reads the gins of every (size, method) with the flags' shapes and
   bindings, as the workers will (a fraction of a second each): a missing
   model gin or a bad binding fails now."""
+  from mov_jax import train  # pylint: disable=g-import-not-at-top
   if not sizes:
     parser.error(f'{size_flag}: give at least one model size.')
+  unused_by_all = None
   for size in sizes:
     for method in methods:
       try:
-        train_config(size, method, batch_size=args.batch_size,
-                     input_length=args.input_length,
-                     target_length=args.target_length, dtype=args.dtype,
-                     dropout=args.dropout, extra_bindings=extra_bindings)
+        unused = parse_config(
+            size, method, batch_size=args.batch_size,
+            input_length=args.input_length, target_length=args.target_length,
+            dtype=args.dtype, dropout=args.dropout,
+            extra_bindings=extra_bindings)
+        train.config_from_gin()  # Values the TrainConfig refuses fail too.
       except FileNotFoundError:
         parser.error(f'{size_flag}: no model gin for {size!r}; give one of '
                      f'{", ".join(model_sizes())} (gin/models/t5_1_1_<size>'
                      '.gin) or the path of a model .gin file.')
       except ValueError as e:
         parser.error(f'{size} {method}: {e}')
+      unused_by_all = set(unused) if unused_by_all is None else (
+          unused_by_all & set(unused))
+  if unused_by_all:
+    parser.error('--gin_bindings: no configuration of this run uses the '
+                 f'macro(s) {", ".join(sorted(unused_by_all))}, so the '
+                 'binding would have no effect; check the spelling.')
 
 
 # ------------------------------------------------------------------ output

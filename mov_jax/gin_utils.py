@@ -94,19 +94,30 @@ def _resolve(path: str, search_paths: Iterable[str]) -> str:
 def parse_gin(gin_files: Sequence[str],
               bindings: Sequence[str] = (),
               search_paths: Sequence[str] = (),
-              finalize: bool = True) -> None:
+              finalize: bool = True,
+              allow_unused_macros: bool = False) -> List[str]:
   """Parses gin files and bindings with clear errors.
 
   The installed gin directory is searched last, so a user's own
   `models/foo.gin` wins over ours. Raises ValueError naming the file or
-  binding that failed, with gin's own message.
+  binding that failed, with gin's own message, and for a binding of a macro
+  that no file defines or uses (gin would create it and nothing would read
+  it: a misspelt `--gin.TRAIN_STEPZ=10` would change nothing), unless
+  `allow_unused_macros`. Returns those macros' names.
   """
   paths = [p for p in search_paths if p] + [str(gin_dir())]
   for path in paths:
     gin.add_config_file_search_path(path)
   resolved = [_resolve(f, paths) for f in gin_files]
   with _quiet_include_search():
-    _parse_all(resolved, bindings)
+    unused, known = _parse_all(resolved, bindings)
+  if unused and not allow_unused_macros:
+    raise ValueError(
+        'No gin file given defines or uses the macro(s) ' + ', '.join(
+            _with_suggestion(name, known) for name in unused) +
+        ', so the binding would have no effect. Check the spelling, or '
+        'include the gin file that uses it (e.g. runs/finetune.gin for the '
+        'training macros, methods/mov.gin for NUM_EXPERTS).')
   if finalize:
     try:
       gin.finalize()
@@ -119,6 +130,7 @@ def parse_gin(gin_files: Sequence[str],
                 f'{name} (set it with --gin.{name}=...)' for name in required)
             + '.') from None
       raise ValueError(f'Invalid gin configuration: {e}') from e
+  return unused
 
 
 class _IncludeSearchFilter(logging.Filter):
@@ -145,15 +157,15 @@ _MACRO_REFERENCE = re.compile(r'%([A-Za-z_]\w*)')
 _MACRO_DEFINITION = re.compile(r'(?m)^([A-Za-z_]\w*) = ')
 
 
-def _parse_all(resolved: Sequence[str], bindings: Sequence[str]) -> None:
+def _parse_all(resolved: Sequence[str], bindings: Sequence[str]
+               ) -> Tuple[List[str], set]:
+  """Parses; returns the macros `bindings` bind that no file defines or
+  uses, and the macros known (defined or used)."""
   for f in resolved:
     try:
       gin.parse_config_file(f, skip_unknown=False)
     except Exception as e:  # gin raises several types; name the file.
       raise ValueError(f'Could not parse gin file {f}: {e}') from e
-  # Macros the files define or use. gin takes a binding of any other macro
-  # as a new macro that nothing reads, so a misspelt --gin.TRAIN_STEPZ=10
-  # would be ignored without a word.
   parsed = gin.config_str()
   known = set(_MACRO_DEFINITION.findall(parsed)) | set(
       _MACRO_REFERENCE.findall(parsed))
@@ -169,13 +181,7 @@ def _parse_all(resolved: Sequence[str], bindings: Sequence[str]) -> None:
     known.update(_MACRO_REFERENCE.findall(binding))
   unused = [m.group(1) for m in map(_MACRO_BINDING.match, bindings)
             if m and m.group(1) not in known]
-  if unused:
-    raise ValueError(
-        'No gin file given defines or uses the macro(s) ' + ', '.join(
-            _with_suggestion(name, known) for name in unused) +
-        ', so the binding would have no effect. Check the spelling, or '
-        'include the gin file that uses it (e.g. runs/finetune.gin for the '
-        'training macros, methods/mov.gin for NUM_EXPERTS).')
+  return unused, known
 
 
 def _with_suggestion(name: str, known: Iterable[str]) -> str:

@@ -214,6 +214,11 @@ TINY = ['--sizes=tiny', '--torch_reference=no']
     ('train_step', [*TINY, '--methods=ia3',
                     '--gin_bindings=network.T5Config.remat_polcy = 1'],
      "tiny ia3: Could not parse gin binding 'network.T5Config.remat_polcy"),
+    # A binding applies to every configuration; ROUTER_TOP_K is MoV's only,
+    # but a macro that none of them uses is a typo.
+    ('train_step', [*TINY, '--methods=mov-10,ia3',
+                    '--gin_bindings=ROUTER_TOP_KK = 2'],
+     'no configuration of this run uses the macro(s) ROUTER_TOP_KK'),
     ('packing', ['--size=tiny', '--method=foo'],
      "--method: Unknown method 'foo'"),
     ('matmul_floor', ['--sizes=tiny', '--methods=foo'],
