@@ -4,7 +4,8 @@ t5x's `EncoderDecoderModel` computes the same quantities; the [train] and
 [eval] work builds `score_batch` and `predict_batch` on these.
 """
 
-from typing import Optional, Tuple
+import numbers
+from typing import Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -128,7 +129,17 @@ def network_and_length_problems(network, task_feature_lengths) -> list:
   if not isinstance(network, network_lib.Transformer):
     problems.append(f'network must be a network.Transformer, got '
                     f'{type(network).__name__}')
+  if not isinstance(task_feature_lengths, Mapping):
+    problems.append("TASK_FEATURE_LENGTHS must be a dict such as {'inputs': "
+                    f"1024, 'targets': 256}}, got {task_feature_lengths!r}")
+    return problems
   if set(task_feature_lengths) != {'inputs', 'targets'}:
     problems.append('TASK_FEATURE_LENGTHS must have exactly the keys '
                     f"'inputs' and 'targets', got {task_feature_lengths}")
+  bad = {k: v for k, v in task_feature_lengths.items()
+         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or
+         v < 1}
+  if bad:
+    problems.append(f'TASK_FEATURE_LENGTHS values must be positive integers '
+                    f'(token counts), got {bad}')
   return problems

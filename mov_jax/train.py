@@ -9,7 +9,9 @@ t5x's macro names: MODEL_DIR, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS,
 TRAIN_STEPS, BATCH_SIZE, INITIAL_CHECKPOINT_PATH, USE_CACHED_TASKS, PACKING,
 LOSS_NORMALIZING_FACTOR, plus CHECKPOINT_PERIOD. All settings live in
 `train.TrainConfig` (bound by gin/runs/*.gin). Starting again with the same
-MODEL_DIR resumes exactly where the last checkpoint left off.
+MODEL_DIR resumes exactly where the last checkpoint left off. MODEL_DIR/
+config.gin holds the settings of the latest run that trained; one with other
+settings before it is kept as config.step_<N>.gin (N: the step it resumed).
 """
 
 import argparse
@@ -49,6 +51,11 @@ REQUIRED_MACROS = {
     'TRAINABLE_REGEX': 'a method gin file (methods/mov.gin, methods/full.gin, '
                        '...)',
 }
+
+
+_NAMED_LOSS_FACTORS = (models.NUM_REAL_TARGET_TOKENS,
+                       models.NUM_TOTAL_TARGET_TOKENS,
+                       models.AVERAGE_PER_SEQUENCE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +117,14 @@ class TrainConfig:
                  'log_period'):
       if int(getattr(self, name)) < 1:
         problems.append(f'{name} must be >= 1, got {getattr(self, name)}')
+    factor = self.loss_normalizing_factor
+    if not (factor is None or factor in _NAMED_LOSS_FACTORS or (
+        isinstance(factor, (int, float)) and not isinstance(factor, bool) and
+        factor > 0)):
+      # Checked here: the loss would reject it only inside the first step.
+      problems.append(
+          f'LOSS_NORMALIZING_FACTOR must be None, a positive number or one '
+          f'of {list(_NAMED_LOSS_FACTORS)}, got {factor!r}')
     if problems:
       raise ValueError('Invalid training configuration: ' +
                        '; '.join(problems) + '.')
@@ -133,8 +148,20 @@ def make_dataset(cfg: TrainConfig, batch_per_host: int):
   return ds.batch(batch_per_host, drop_remainder=True).prefetch(2)
 
 
-def _next_batch(iterator) -> Dict[str, np.ndarray]:
-  return {k: np.asarray(v) for k, v in next(iterator).items()}
+def _next_batch(iterator, restored_from: Optional[str] = None
+                ) -> Dict[str, np.ndarray]:
+  """The next host batch. `restored_from`: the checkpoint step directory the
+  iterator was just restored from (the first read shows whether the saved
+  position fits this pipeline; older checkpoints do not record its
+  settings)."""
+  if restored_from is None:
+    return {k: np.asarray(v) for k, v in next(iterator).items()}
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    return _next_batch(iterator)
+  except tf.errors.OpError as e:
+    raise ts.pipeline_mismatch_error(
+        os.path.join(restored_from, 'dataset'), e) from e
 
 
 # ------------------------------------------------------------------- model
@@ -230,11 +257,21 @@ def _check_fits(model: Dict[str, Any], incoming: Dict[str, Any], source: str,
     missing = sorted(k for k in model if k not in incoming and
                      '_adapter/' not in k)
   if unexpected or mismatched or missing:
+    differing = unexpected + missing + [m.split(':')[0] for m in mismatched]
+    if all('_adapter/' in k for k in differing):
+      # The base fits: the adapters come from another method or setting.
+      hint = ('Only adapter parameters differ: the checkpoint was most '
+              'likely trained with another method gin file (gin/methods/) '
+              'or other adapter settings (NUM_EXPERTS, LORA_RANK, ...), or '
+              'on another model (gin/models/). Use the gin files and '
+              'settings it was trained with.')
+    else:
+      hint = ('Use the model gin file the checkpoint was trained with '
+              '(gin/models/).')
     raise ValueError(
         f'Checkpoint {source} does not fit the configured model.\n  '
         f'shape mismatches: {mismatched[:10]}\n  missing: {missing[:10]}\n  '
-        f'unexpected: {unexpected[:10]}\nUse the model gin file the '
-        'checkpoint was trained with (gin/models/).')
+        f'unexpected: {unexpected[:10]}\n{hint}')
 
 
 def overlay_params(params, loaded, source: str, expect_all_base: bool = True):
@@ -338,7 +375,9 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
   mesh = cfg.mesh.make_mesh()
   rules = cfg.mesh.rules
   partitioning.check_batch_size(cfg.batch_size, mesh)
-  ts.gfile().makedirs(cfg.model_dir)
+  from mov_jax import tasks  # pylint: disable=g-import-not-at-top
+  tasks.get_mixture_or_task(cfg.mixture_or_task_name)  # before any writing
+  ts.make_model_dir(cfg.model_dir)
   network = cfg.network
   tx = cfg.optimizer.make()
 
@@ -368,9 +407,9 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
     if latest is None:
       state = fresh_state()
     else:
-      # Check the saved shapes first, so that a MODEL_DIR written with
+      # Check the saved checkpoint first, so that a MODEL_DIR written with
       # another configuration fails before anything runs or is written.
-      _check_saved_shapes(manager, latest, abstract_state, cfg.model_dir)
+      _check_resumable(cfg, manager, latest, abstract_state)
       abstract_state = jax.tree_util.tree_map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
           abstract_state, state_shardings)
@@ -385,22 +424,32 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
         print(f'Resumed from {cfg.model_dir}/checkpoints/{latest} '
               f'(step {start_step}, {meta.get("batches_consumed")} batches '
               'consumed).', flush=True)
-    elif primary:
-      _write_run_files(cfg, state)
-
-    step_fn = jit_train_step(cfg, tx, layout)
-    log = MetricsLog(cfg.model_dir, start_step)
     end_step = cfg.train_steps
     if stop_after is not None:
       end_step = min(end_step, start_step + stop_after)
+    if primary and start_step >= cfg.train_steps:
+      print(f'{cfg.model_dir} is already at step {start_step} >= TRAIN_STEPS='
+            f'{cfg.train_steps}: nothing was trained (an existing adapter '
+            'export is kept). Raise TRAIN_STEPS to train further.', flush=True)
+    elif primary and latest is None:
+      _print_parameter_count(cfg, state)
+
+    step_fn = jit_train_step(cfg, tx, layout)
+    log = MetricsLog(cfg.model_dir, start_step)
     tokens_per_step = cfg.batch_size * sum(cfg.task_feature_lengths.values())
     losses = []
     t_start = time.perf_counter()
     t_window, window_steps = t_start, 0
     step = start_step
     for step in range(start_step, end_step):
-      batch = partitioning.host_local_to_global(_next_batch(iterator), mesh)
+      restored_from = None
+      if step == start_step and latest is not None:
+        restored_from = os.path.join(cfg.model_dir, 'checkpoints', str(latest))
+      batch = partitioning.host_local_to_global(
+          _next_batch(iterator, restored_from), mesh)
       if step == start_step:
+        if primary:  # the data fit: this run trains with these settings
+          _write_config(cfg, start_step)
         # Compiled ahead of the first step, to fail before it runs when
         # the step cannot fit in a device's memory.
         step_fn = step_fn.lower(state, batch).compile()
@@ -428,8 +477,7 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
       if done % cfg.checkpoint_period == 0 or done == end_step:
         ts.save(manager, done, state, iterator,
                 {'batches_consumed': done, 'step': done,
-                 'mixture_or_task_name': cfg.mixture_or_task_name},
-                force=True)
+                 **_pipeline_settings(cfg)}, force=True)
     manager.wait_until_finished()
     manager.close()
     log.close()
@@ -440,7 +488,9 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
                                           str(final_step)),
                'metrics': os.path.join(cfg.model_dir, 'train_metrics.jsonl'),
                'tensorboard': os.path.join(cfg.model_dir, 'train')}
-    if cfg.export_adapter and final_step >= cfg.train_steps:
+    exported = ts.gfile().exists(os.path.join(cfg.model_dir, 'adapter'))
+    if cfg.export_adapter and final_step >= cfg.train_steps and (
+        final_step > start_step or not exported):
       summary['adapter_export'] = export_trainable(cfg, state)
     return summary
 
@@ -541,30 +591,108 @@ def jit_train_step(cfg: TrainConfig, tx: optax.GradientTransformation,
                  donate_argnums=(0,))
 
 
-def _check_saved_shapes(manager, step, abstract_state, model_dir):
-  saved = ts.saved_shapes(os.path.join(os.fspath(manager.directory),
-                                       str(step)))
-  found = {k: v for k, v in saved.items()
-           if k.split('/')[0] in ('trainable', 'frozen')}
-  expected = {}
-  for prefix in ('trainable', 'frozen'):
-    for k, v in _flat(getattr(abstract_state, prefix)).items():
-      expected[f'{prefix}/{k}'] = tuple(v.shape)
-  problems = ts.shape_problems(found, expected)
+_NEW_MODEL_DIR = ('or use a new MODEL_DIR (with INITIAL_CHECKPOINT_PATH or '
+                  'ADAPTER_CHECKPOINT_PATH to start from its weights). '
+                  'Nothing was changed.')
+
+# Checkpoint metadata key -> the setting that sets it: what defines the input
+# pipeline, whose saved state only the same pipeline can take. (SEED is not
+# among them: a restored iterator takes the saved position with any seed.)
+_PIPELINE_SETTINGS = {
+    'mixture_or_task_name': 'MIXTURE_OR_TASK_NAME',
+    'task_feature_lengths': 'TASK_FEATURE_LENGTHS',
+    'batch_size': 'BATCH_SIZE',
+    'packing': 'PACKING',
+    'use_cached_tasks': 'USE_CACHED_TASKS',
+    'shuffle': 'train.TrainConfig.shuffle',
+    'process_count': 'the number of processes (hosts)',
+}
+
+
+def _pipeline_settings(cfg: TrainConfig) -> Dict[str, Any]:
+  return {'mixture_or_task_name': cfg.mixture_or_task_name,
+          'task_feature_lengths': dict(cfg.task_feature_lengths),
+          'batch_size': cfg.batch_size, 'packing': cfg.packing,
+          'use_cached_tasks': cfg.use_cached_tasks, 'shuffle': cfg.shuffle,
+          'process_count': jax.process_count()}
+
+
+def pipeline_problems(saved: Mapping[str, Any], cfg: TrainConfig) -> list:
+  """The input-pipeline settings of `cfg` that differ from a checkpoint's
+  metadata `saved` (keys it lacks, from older checkpoints, are not
+  compared)."""
+  new = json.loads(json.dumps(_pipeline_settings(cfg)))  # as saved
+  return [f'{name}: saved {saved[key]!r}, now {new[key]!r}'
+          for key, name in _PIPELINE_SETTINGS.items()
+          if key in saved and saved[key] != new[key]]
+
+
+def _check_resumable(cfg: TrainConfig, manager, step: int,
+                     abstract_state: ts.TrainState) -> None:
+  """Raises unless checkpoint `step` is complete and was written by this
+  model, optimizer and input pipeline (read from metadata only)."""
+  step_dir = os.path.join(cfg.model_dir, 'checkpoints', str(step))
+  broken = ts.step_problems(step_dir)
+  if broken:
+    earlier = [s for s in manager.all_steps() if s < step]
+    then = (f'resume from step {max(earlier)}' if earlier else
+            'start again from step 0 (no earlier checkpoint)')
+    raise ValueError(
+        f'The latest checkpoint {step_dir} is incomplete or damaged '
+        f'({"; ".join(broken)}). Move it out of {cfg.model_dir}/checkpoints '
+        f'(e.g. mv {step_dir} {cfg.model_dir}/broken_step_{step}) to {then}. '
+        'Nothing was changed.')
+  saved = ts.saved_shapes(step_dir)
+  expected = ts.tree_shapes(abstract_state)
+  part = lambda shapes, *names: {k: v for k, v in shapes.items()
+                                 if k.split('/')[0] in names}
+  problems = ts.shape_problems(part(saved, 'trainable', 'frozen'),
+                               part(expected, 'trainable', 'frozen'))
   if problems:
     raise ValueError(
-        f'The checkpoint {model_dir}/checkpoints/{step} does not match the '
-        f'configured model ({len(problems)} problems, e.g. {problems[:5]}). '
-        f'MODEL_DIR was written with another gin configuration (see '
-        f'{model_dir}/config.gin): use that configuration, or a new '
-        'MODEL_DIR. Nothing was changed.')
+        f'The checkpoint {step_dir} does not match the configured model '
+        f'({len(problems)} problems, e.g. {problems[:5]}). MODEL_DIR was '
+        f'written with another gin configuration (see {cfg.model_dir}/'
+        f'config.gin): use that configuration, {_NEW_MODEL_DIR}')
+  problems = ts.shape_problems(part(saved, 'opt_state'),
+                               part(expected, 'opt_state'))
+  if problems:
+    raise ValueError(
+        f'The optimizer state of the checkpoint {step_dir} was written by a '
+        f'different optimizer configuration ({len(problems)} problems, e.g. '
+        f'{problems[:3]}). Resume with the original OPTIMIZER and optimizer '
+        f'settings (see {cfg.model_dir}/config.gin), {_NEW_MODEL_DIR}')
+  problems = pipeline_problems(ts.saved_metadata(manager, step), cfg)
+  if problems:
+    raise ValueError(
+        f'The checkpoint {step_dir} was written with another input pipeline, '
+        f'whose position it holds: {"; ".join(problems)}. Resume with the '
+        f'saved values, {_NEW_MODEL_DIR}')
 
 
-def _write_run_files(cfg: TrainConfig, state: ts.TrainState) -> None:
+def _write_config(cfg: TrainConfig, start_step: int) -> None:
+  """Writes config.gin (the settings of the run now training), keeping a
+  previous one with other settings as config.step_<start_step>.gin."""
   path = os.path.join(cfg.model_dir, 'config.gin')
-  if not ts.gfile().exists(path):
-    with ts.gfile().GFile(path, 'w') as f:
-      f.write(gin.config_str())
+  config = gin.config_str()
+  if ts.gfile().exists(path):
+    with ts.gfile().GFile(path) as f:
+      old = f.read()
+    if old != config:
+      kept = _unused_path(os.path.join(cfg.model_dir,
+                                       f'config.step_{start_step}.gin'))
+      ts.gfile().rename(path, kept)
+      lines = lambda text: [l for l in text.splitlines() if l.strip()]
+      was = [l for l in lines(old) if l not in set(lines(config))]
+      now = [l for l in lines(config) if l not in set(lines(old))]
+      print(f'Note: the settings changed since the last run of this '
+            f'MODEL_DIR (its config.gin is kept as {kept}): was {was[:10]}, '
+            f'now {now[:10]}.', flush=True)
+  with ts.gfile().GFile(path, 'w') as f:
+    f.write(config)
+
+
+def _print_parameter_count(cfg: TrainConfig, state: ts.TrainState) -> None:
   count = lambda t: int(sum(np.prod(x.shape) for x in
                             jax.tree_util.tree_leaves(t)))
   n_train, n_frozen = count(state.trainable), count(state.frozen)
@@ -572,6 +700,15 @@ def _write_run_files(cfg: TrainConfig, state: ts.TrainState) -> None:
         f'({100.0 * n_train / (n_train + n_frozen):.3f}%) on '
         f'{jax.device_count()} {jax.default_backend()} device(s); '
         f'model dir {cfg.model_dir}', flush=True)
+
+
+def _unused_path(path: str) -> str:
+  """`path`, or `<stem>.<n><ext>` for the first n that does not exist."""
+  stem, ext = os.path.splitext(path)
+  n = 1
+  while ts.gfile().exists(path):
+    path, n = f'{stem}.{n}{ext}', n + 1
+  return path
 
 
 def _duration(seconds: float) -> str:

@@ -5,7 +5,8 @@ A checkpoint `<MODEL_DIR>/checkpoints/<step>/` holds three orbax items:
             (sharded arrays, written asynchronously where orbax allows);
   dataset   each host's tf.data iterator state (t5x does the same), so a
             resumed run reads exactly the batches it would have read;
-  metadata  JSON: batches consumed, the mixture, the model config.
+  metadata  JSON: batches consumed and the input-pipeline settings (mixture,
+            lengths, batch size, packing, ...) that a resume must repeat.
 Orbax writes each step to a temporary directory and renames it when
 complete, so a crash never leaves a half-written checkpoint behind.
 """
@@ -52,6 +53,21 @@ class DatasetRestore(ocp.args.CheckpointArgs):
   iterator: Any  # a fresh iterator of the same pipeline, restored in place
 
 
+def pipeline_mismatch_error(directory, error: Exception) -> ValueError:
+  """A saved input-pipeline state that the configured pipeline cannot take
+  (another mixture, lengths, batch size, packing, ...): TensorFlow's error
+  says only what failed, this says what to do."""
+  first_line = str(getattr(error, 'message', error)).strip().split('\n')[0]
+  return ValueError(
+      f'The input-pipeline state in {directory} does not fit the configured '
+      f'data pipeline ({type(error).__name__}: {first_line[:300]}). Resume '
+      'with the data settings the checkpoint was written with '
+      '(MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS, BATCH_SIZE, PACKING, '
+      'USE_CACHED_TASKS; see config.gin in MODEL_DIR), or use a new '
+      'MODEL_DIR (with INITIAL_CHECKPOINT_PATH or ADAPTER_CHECKPOINT_PATH to '
+      'start from its weights). Nothing was changed.')
+
+
 class DatasetCheckpointHandler(ocp.CheckpointHandler):
   """Saves every host's tf.data iterator with `tf.train.Checkpoint`."""
 
@@ -70,7 +86,11 @@ class DatasetCheckpointHandler(ocp.CheckpointHandler):
           f'No input-pipeline state for process {jax.process_index()} in '
           f'{directory}: was the checkpoint written by a run with another '
           'number of hosts?')
-    tf.train.Checkpoint(iterator=args.iterator).read(prefix).assert_consumed()
+    try:
+      tf.train.Checkpoint(iterator=args.iterator).read(
+          prefix).assert_consumed()
+    except (tf.errors.OpError, AssertionError) as e:
+      raise pipeline_mismatch_error(directory, e) from e
     return args.iterator
 
   def metadata(self, directory: epath.Path) -> Optional[Any]:
@@ -86,11 +106,30 @@ ocp.args.register_with_handler(DatasetCheckpointHandler, for_restore=True)(
 # ------------------------------------------------------------------ manager
 
 
+def make_model_dir(path: str) -> None:
+  """Creates MODEL_DIR (and its parents), or says clearly why it cannot."""
+  if gfile().exists(path) and not gfile().isdir(path):
+    raise ValueError(f'MODEL_DIR {path} exists and is not a directory: '
+                     'choose another MODEL_DIR.')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    gfile().makedirs(path)
+  except (OSError, tf.errors.OpError) as e:
+    raise ValueError(
+        f'Cannot create MODEL_DIR {path} '
+        f'({type(e).__name__}: {getattr(e, "message", e)}). Choose a '
+        'directory you can write to (its parents must be directories).'
+    ) from None
+
+
 def checkpoint_manager(model_dir: str, period: int,
                        keep: Optional[int]) -> ocp.CheckpointManager:
+  # create=False: `checkpoints/` appears with the first save, so a run that
+  # fails before it leaves no empty checkpoint directory behind (which eval
+  # would take for a run still waiting for its first checkpoint).
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=period, max_to_keep=keep,
-      enable_async_checkpointing=True, create=True)
+      enable_async_checkpointing=True, create=False)
   return ocp.CheckpointManager(
       epath.Path(model_dir) / 'checkpoints', options=options,
       item_names=('state', 'dataset', 'metadata'))
@@ -104,13 +143,48 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState,
       metadata=ocp.args.JsonSave(metadata)), force=force)
 
 
+def _state_metadata_tree(step_dir: str):
+  """The saved state's tree of array metadata, or None when unreadable."""
+  state_dir = epath.Path(step_dir) / 'state'
+  try:
+    metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
+  except Exception:  # pylint: disable=broad-except
+    return None  # orbax raises several types for damaged metadata
+  item = getattr(metadata, 'item_metadata', None)
+  return getattr(item, 'tree', None)
+
+
+def step_problems(step_dir: str) -> list:
+  """What is missing or unreadable in a training checkpoint step directory
+  (empty when it looks complete)."""
+  problems = [f'{item}/ is missing' for item in ('state', 'dataset', 'metadata')
+              if not gfile().isdir(os.path.join(step_dir, item))]
+  if not problems and _state_metadata_tree(step_dir) is None:
+    problems.append('state/ has no readable orbax metadata')
+  return problems
+
+
 def saved_shapes(step_dir: str) -> Dict[str, Any]:
   """'/'-joined state paths -> shapes of a checkpoint step directory, read
   from its metadata only (no array is loaded)."""
-  state_dir = epath.Path(step_dir) / 'state'
-  tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  tree = _state_metadata_tree(step_dir)
+  if tree is None:
+    raise ValueError(f'The checkpoint {step_dir} has no readable state '
+                     'metadata (state/ missing or damaged).')
+  return tree_shapes(tree)
+
+
+def tree_shapes(tree) -> Dict[str, Any]:
+  """'/'-joined paths -> shapes of the arrays (or abstract arrays) of `tree`,
+  named as orbax names them on disk (NamedTuple fields by name)."""
   flat = flax.traverse_util.flatten_dict(_as_dict(tree), sep='/')
   return {k: tuple(v.shape) for k, v in flat.items() if _is_array_leaf(v)}
+
+
+def saved_metadata(manager: ocp.CheckpointManager, step: int) -> Dict:
+  """The JSON metadata item of a step (nothing else is read)."""
+  return manager.restore(step, args=ocp.args.Composite(
+      metadata=ocp.args.JsonRestore()))['metadata']
 
 
 def shape_problems(found: Dict[str, Any], expected: Dict[str, Any]) -> list:
@@ -134,6 +208,8 @@ def _as_dict(tree):
     return tree
   if isinstance(tree, dict):
     return {k: _as_dict(v) for k, v in tree.items()}
+  if isinstance(tree, tuple) and hasattr(tree, '_fields'):  # NamedTuple
+    return {f: _as_dict(getattr(tree, f)) for f in tree._fields}
   if dataclasses.is_dataclass(tree):
     return {f.name: _as_dict(getattr(tree, f.name))
             for f in dataclasses.fields(tree)}

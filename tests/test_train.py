@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -166,29 +167,110 @@ def _trained_params(summary):
   return optim.merge_params(state['trainable'], state['frozen'])
 
 
+def _main(capsys, *args):
+  """`train.main(args)` in this process: the binary, less a process start."""
+  import gin  # pylint: disable=g-import-not-at-top
+  gin.clear_config(clear_constants=True)
+  code = train.main(list(args))
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
 def test_bad_configurations_fail_clearly_and_leave_checkpoints_alone(
-    tmp_path):
+    tmp_path, capsys):
   model_dir = tmp_path / 'run'
   ok = _run_cli(FAST + [f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=3'])
   assert ok.returncode == 0, ok.stderr[-3000:]
   before = _tree_digest(model_dir / 'checkpoints')
+  run = FAST + [f"--gin.MODEL_DIR='{model_dir}'"]
   # A typo in a binding.
-  typo = _run_cli(FAST + [f"--gin.MODEL_DIR='{model_dir}'",
-                          '--gin_bindings=train.TrainConfig.batch_sizee = 4'])
-  assert typo.returncode == 2 and 'batch_sizee' in typo.stderr
+  code, _, err = _main(capsys, *run,
+                       '--gin_bindings=train.TrainConfig.batch_sizee = 4')
+  assert code == 2 and 'batch_sizee' in err
   # A missing required macro.
-  missing = _run_cli(['--gin_file=models/t5_1_1_tiny.gin',
-                      '--gin_file=methods/mov.gin', '--gin_file=runs/finetune.gin'])
-  assert missing.returncode == 2
-  assert 'MODEL_DIR (set it with --gin.MODEL_DIR' in missing.stderr, (
-      missing.stderr[-2000:])
+  code, _, err = _main(capsys, '--gin_file=models/t5_1_1_tiny.gin',
+                       '--gin_file=methods/mov.gin',
+                       '--gin_file=runs/finetune.gin')
+  assert code == 2
+  assert 'MODEL_DIR (set it with --gin.MODEL_DIR' in err, err[-2000:]
+  # Bad lengths and loss normaliser fail before MODEL_DIR is created.
+  fresh = tmp_path / 'fresh'
+  code, _, err = _main(capsys, *FAST, f"--gin.MODEL_DIR='{fresh}'",
+                       "--gin.TASK_FEATURE_LENGTHS={'inputs': -4, "
+                       "'targets': 8}", "--gin.LOSS_NORMALIZING_FACTOR='x'")
+  assert code == 2 and 'values must be positive integers' in err, err
+  assert 'LOSS_NORMALIZING_FACTOR must be' in err and not fresh.exists()
+  # An unknown mixture, too.
+  code, _, err = _main(capsys, *FAST, f"--gin.MODEL_DIR='{fresh}'",
+                       "--gin.MIXTURE_OR_TASK_NAME='mini_p3_trian'")
+  assert code == 2 and 'mini_p3_trian' in err and not fresh.exists()
+  # An adapter trained with other adapter settings: the method is named, and
+  # no (empty) checkpoints/ is left behind.
+  code, _, err = _main(capsys, *FAST, f"--gin.MODEL_DIR='{fresh}'",
+                       f"--gin.ADAPTER_CHECKPOINT_PATH='{model_dir}/adapter'",
+                       '--gin.NUM_EXPERTS=30')
+  assert code == 2 and 'Only adapter parameters differ' in err, err
+  assert 'NUM_EXPERTS' in err and not (fresh / 'checkpoints').exists()
+  # A MODEL_DIR that cannot be created.
+  code, _, err = _main(capsys, *FAST, f"--gin.MODEL_DIR='{model_dir}/"
+                       "train_metrics.jsonl/x'")
+  assert code == 2 and 'Cannot create MODEL_DIR' in err, err
   # Resuming a MODEL_DIR with a model of other shapes (30 experts, not 10).
-  other = _run_cli(FAST + [f"--gin.MODEL_DIR='{model_dir}'",
-                           '--gin.TRAIN_STEPS=6', '--gin.NUM_EXPERTS=30'])
-  assert other.returncode == 2
-  assert 'does not match the configured model' in other.stderr
-  assert 'mov_scaling' in other.stderr and 'Nothing was changed' in other.stderr
+  code, _, err = _main(capsys, *run, '--gin.TRAIN_STEPS=6',
+                       '--gin.NUM_EXPERTS=30')
+  assert code == 2
+  assert 'does not match the configured model' in err
+  assert 'mov_scaling' in err and 'Nothing was changed' in err
+  # ... with another optimizer (orbax would suggest a partial restore).
+  code, _, err = _main(capsys, *run, '--gin.TRAIN_STEPS=6',
+                       "--gin.OPTIMIZER='adamw'")
+  assert code == 2 and 'different optimizer configuration' in err, err
+  # ... with another input pipeline (TensorFlow would fail in the restore or
+  # at the first batch).
+  code, _, err = _main(capsys, *run, '--gin.TRAIN_STEPS=6',
+                       '--gin.BATCH_SIZE=4', '--gin.PACKING=False')
+  assert code == 2, err
+  assert 'BATCH_SIZE: saved 8, now 4; PACKING: saved True, now False' in err
+  # TRAIN_STEPS already reached: said, and nothing trained or exported.
+  code, out, _ = _main(capsys, *run, '--gin.TRAIN_STEPS=2')
+  assert code == 0 and 'already at step 3 >= TRAIN_STEPS=2' in out, out
+  assert 'nothing was trained' in out and 'Adapter (' not in out
   assert _tree_digest(model_dir / 'checkpoints') == before
+
+  # A damaged latest checkpoint is named, and left where it is.
+  broken = tmp_path / 'broken'
+  shutil.copytree(model_dir, broken)
+  shutil.rmtree(broken / 'checkpoints' / '3' / 'dataset')
+  code, _, err = _main(capsys, *FAST, f"--gin.MODEL_DIR='{broken}'",
+                       '--gin.TRAIN_STEPS=6')
+  assert code == 2 and f'{broken}/checkpoints/3 is incomplete' in err, err
+  assert 'dataset/ is missing' in err and 'Move it out of' in err
+  shutil.rmtree(broken / 'checkpoints' / '3' / 'state')
+  code, _, err = _main(capsys, *FAST, f"--gin.MODEL_DIR='{broken}'",
+                       '--gin.TRAIN_STEPS=6')
+  assert code == 2 and 'state/ is missing' in err, err
+  assert (broken / 'checkpoints' / '3' / 'metadata').exists()
+
+  # A checkpoint of before the pipeline settings were saved still resumes;
+  # another pipeline fails clearly, in the restore or at the first batch.
+  old = tmp_path / 'old'
+  shutil.copytree(model_dir, old)
+  (old / 'checkpoints' / '3' / 'metadata' / 'metadata').write_text(json.dumps(
+      {'batches_consumed': 3, 'step': 3,
+       'mixture_or_task_name': 'mini_p3_train'}))
+  for change in ('--gin.PACKING=False', '--gin.BATCH_SIZE=4'):
+    code, _, err = _main(capsys, *FAST, f"--gin.MODEL_DIR='{old}'",
+                         '--gin.TRAIN_STEPS=6', change)
+    assert code == 2, (change, err)
+    assert 'does not fit the configured data pipeline' in err, (change, err)
+  # A resume with other settings keeps the previous config.gin.
+  code, out, err = _main(capsys, *FAST, f"--gin.MODEL_DIR='{old}'",
+                         '--gin.TRAIN_STEPS=4', '--gin.LOG_PERIOD=2')
+  assert code == 0, err
+  assert 'settings changed' in out and 'Resumed from' in out
+  assert 'LOG_PERIOD = 1' in (old / 'config.step_3.gin').read_text()
+  assert 'LOG_PERIOD = 2' in (old / 'config.gin').read_text()
+  assert sorted(_losses(old)) == [1, 2, 3, 4]
 
 
 def test_two_processes_train_and_resume_with_jax_distributed(tmp_path):
