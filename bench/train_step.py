@@ -86,7 +86,6 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple

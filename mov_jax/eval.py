@@ -45,7 +45,6 @@ import sys
 from typing import (Any, Dict, Iterator, List, Mapping, Optional, Sequence,
                     Tuple, Union)
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -766,23 +765,6 @@ def _check_output_dir(cfg: EvalConfig, found: Sequence[Checkpoint]) -> None:
           'outside it, e.g. <MODEL_DIR>/eval.')
 
 
-def _prepare_output_dir(output_dir: str) -> None:
-  """Creates EVAL_OUTPUT_DIR and checks that files can be written there,
-  before hours of scoring rather than after."""
-  probe = os.path.join(output_dir, f'.write_check_{jax.process_index()}')
-  try:
-    tf.io.gfile.makedirs(output_dir)
-    with tf.io.gfile.GFile(probe, 'w') as f:
-      f.write('')
-    tf.io.gfile.remove(probe)
-  except (OSError, tf.errors.OpError) as e:
-    raise ValueError(
-        f'EVAL_OUTPUT_DIR {output_dir} cannot be created or written to '
-        f'({type(e).__name__}: {e}). Set --gin.EVAL_OUTPUT_DIR to a writable '
-        'directory (it is created if missing). Nothing was evaluated.'
-    ) from e
-
-
 def evaluate(cfg: EvalConfig) -> List[Dict[str, Any]]:
   """Evaluates every checkpoint of CHECKPOINT_PATH not yet evaluated.
 
@@ -809,7 +791,9 @@ def evaluate(cfg: EvalConfig) -> List[Dict[str, Any]]:
   for checkpoint in todo:
     params = restore_params(cfg, checkpoint, mesh)
     if data is None:  # once, after the first restore worked
-      _prepare_output_dir(cfg.output_dir)
+      # Before hours of scoring rather than after.
+      ts.make_writable_dir(cfg.output_dir, 'EVAL_OUTPUT_DIR', check_write=True,
+                           consequence='Nothing was evaluated.')
       data = load_tasks(cfg)
     results, score_records, prediction_records = evaluate_params(
         cfg, params, data, mesh)

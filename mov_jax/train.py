@@ -377,7 +377,7 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
   partitioning.check_batch_size(cfg.batch_size, mesh)
   from mov_jax import tasks  # pylint: disable=g-import-not-at-top
   tasks.get_mixture_or_task(cfg.mixture_or_task_name)  # before any writing
-  ts.make_model_dir(cfg.model_dir)
+  ts.make_writable_dir(cfg.model_dir, 'MODEL_DIR')
   network = cfg.network
   tx = cfg.optimizer.make()
 

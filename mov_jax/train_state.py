@@ -106,20 +106,29 @@ ocp.args.register_with_handler(DatasetCheckpointHandler, for_restore=True)(
 # ------------------------------------------------------------------ manager
 
 
-def make_model_dir(path: str) -> None:
-  """Creates MODEL_DIR (and its parents), or says clearly why it cannot."""
+def make_writable_dir(path: str, name: str, check_write: bool = False,
+                      consequence: str = '') -> None:
+  """Creates directory `path` (the `name` setting, e.g. MODEL_DIR) with its
+  parents, and with `check_write` writes and removes a probe file in it, or
+  raises ValueError saying why it cannot: before long work, not after."""
   if gfile().exists(path) and not gfile().isdir(path):
-    raise ValueError(f'MODEL_DIR {path} exists and is not a directory: '
-                     'choose another MODEL_DIR.')
+    raise ValueError(f'{name} {path} cannot be created or written to: it '
+                     f'exists and is not a directory. Choose another {name}. '
+                     f'{consequence}'.rstrip())
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  probe = os.path.join(path, f'.write_check_{jax.process_index()}')
   try:
     gfile().makedirs(path)
+    if check_write:
+      with gfile().GFile(probe, 'w') as f:
+        f.write('')
+      gfile().remove(probe)
   except (OSError, tf.errors.OpError) as e:
     raise ValueError(
-        f'Cannot create MODEL_DIR {path} '
-        f'({type(e).__name__}: {getattr(e, "message", e)}). Choose a '
-        'directory you can write to (its parents must be directories).'
-    ) from None
+        f'{name} {path} cannot be created or written to '
+        f'({type(e).__name__}: {getattr(e, "message", e)}). Set {name} to a '
+        'directory you can write to (its parents must be directories; it is '
+        f'created if missing). {consequence}'.rstrip()) from None
 
 
 def checkpoint_manager(model_dir: str, period: int,

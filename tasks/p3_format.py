@@ -23,7 +23,7 @@ The writers exist so that tests, the shipped mini-P3 and users' own data
 import json
 import os
 import re
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
