@@ -134,7 +134,7 @@ def parse_config(size: str, method: str, *, batch_size: int,
   """Parses `train_config`'s gins; returns the macros of `extra_bindings`
   that this configuration's gins do not use. `extra_bindings` apply to
   every configuration of a run, so a macro only some methods have (e.g.
-  ROUTER_TOP_K) is left out of the others (`check_configs` catches one no
+  ROUTER_TOP_K) is left out of the others (`check_training_flags` catches one no
   configuration uses)."""
   import gin  # pylint: disable=g-import-not-at-top
   from mov_jax import gin_utils  # pylint: disable=g-import-not-at-top
@@ -654,7 +654,7 @@ def check_out(parser, args) -> None:
                  f'replace them{append}, or give another --out.')
 
 
-def check_methods(parser, flag: str, methods: Sequence[str]) -> None:
+def _check_methods(parser, flag: str, methods: Sequence[str]) -> None:
   """Each of `methods` (given by `flag`) is one `method_gin` knows."""
   if not methods:
     parser.error(f'{flag}: give at least one method (full, ia3, lora, '
@@ -673,13 +673,19 @@ def model_sizes() -> List[str]:
                 for p in (gin_utils.gin_dir() / 'models').glob('t5_1_1_*.gin'))
 
 
-def check_configs(parser, args, size_flag: str, sizes: Sequence[str],
-                  methods: Sequence[str],
-                  extra_bindings: Sequence[str] = ()) -> None:
-  """Reads the gins of every (size, method) with the flags' shapes and
-  bindings, as the workers will (a fraction of a second each): a missing
-  model gin or a bad binding fails now."""
+def check_training_flags(parser, args, size_flag: str, sizes: Sequence[str],
+                         methods_flag: str, methods: Sequence[str],
+                         extra_bindings: Sequence[str] = ()) -> None:
+  """The checks of a benchmark of training configurations
+  (`add_shape_flags`): the shapes, --out, the method names, and the gins of
+  every (size, method) read with the flags' shapes and bindings as the
+  workers will (a fraction of a second each), so that a missing model gin
+  or a bad binding fails now."""
   from mov_jax import train  # pylint: disable=g-import-not-at-top
+  check_at_least(parser, args, 1, 'batch_size', 'input_length',
+                 'target_length')
+  check_out(parser, args)
+  _check_methods(parser, methods_flag, methods)
   if not sizes:
     parser.error(f'{size_flag}: give at least one model size.')
   unused_by_all = None

@@ -256,13 +256,10 @@ def main(argv: Optional[List[str]] = None) -> int:
   args = parser.parse_args(argv)
   sizes = [s for s in args.sizes.split(',') if s]
   methods = [m for m in args.methods.split(',') if m]
-  common.check_at_least(parser, args, 1, 'batch_size', 'input_length',
-                        'target_length', 'repeats', 'matmuls')
+  common.check_at_least(parser, args, 1, 'repeats', 'matmuls')
   common.check_at_least(parser, args, 0, 'matmul_size', 'slowest')
-  common.check_out(parser, args)
-  common.check_methods(parser, '--methods', methods)
-  common.check_configs(parser, args, '--sizes', sizes, methods,
-                       args.gin_bindings)
+  common.check_training_flags(parser, args, '--sizes', sizes, '--methods',
+                              methods, args.gin_bindings)
 
   start = time.time()
   matmul = common.Matmul(args.dtype, args.matmul_size)

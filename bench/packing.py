@@ -106,12 +106,10 @@ def main(argv: Optional[List[str]] = None) -> int:
   parser.add_argument('--long_target_fraction', type=float, default=0.25)
   parser.add_argument('--long_target_median', type=float, default=20.0)
   args = parser.parse_args(argv)
-  common.check_at_least(parser, args, 1, 'batch_size', 'input_length',
-                        'target_length', 'steps', 'batches',
+  common.check_at_least(parser, args, 1, 'steps', 'batches',
                         'short_target_max')
-  common.check_out(parser, args)
-  common.check_methods(parser, '--method', [args.method])
-  common.check_configs(parser, args, '--size', [args.size], [args.method])
+  common.check_training_flags(parser, args, '--size', [args.size],
+                              '--method', [args.method])
   from mov_jax import partitioning  # pylint: disable=g-import-not-at-top
   partitioning.hide_accelerators_from_tensorflow()
 

@@ -95,8 +95,10 @@ def main(argv: Optional[List[str]] = None) -> int:
   args = parser.parse_args(argv)
   if args.worker:
     return worker_main(args)
-  common.check_at_least(parser, args, 1, 'batch_size', 'input_length',
-                        'target_length', 'steps')
+  common.check_at_least(parser, args, 1, 'steps')
+  methods = [m for m in args.methods.split(',') if m]
+  common.check_training_flags(parser, args, '--size', [args.size],
+                              '--methods', methods)
   meshes = []
   for text in (m for m in args.meshes.split(',') if m):
     try:
@@ -112,10 +114,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     meshes.append((data, model))
   if (1, 1) not in meshes:
     meshes.insert(0, (1, 1))
-  methods = [m for m in args.methods.split(',') if m]
-  common.check_out(parser, args)
-  common.check_methods(parser, '--methods', methods)
-  common.check_configs(parser, args, '--size', [args.size], methods)
 
   passed = [a for a in (argv if argv is not None else sys.argv[1:])
             if not a.startswith(('--out', '--meshes'))]

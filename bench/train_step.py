@@ -624,15 +624,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     return worker_main(args)
   args.sizes = [s for s in args.sizes.split(',') if s]
   args.methods = [m for m in args.methods.split(',') if m]
-  common.check_at_least(parser, args, 1, 'batch_size', 'input_length',
-                        'target_length', 'steps', 'matmuls')
+  common.check_at_least(parser, args, 1, 'steps', 'matmuls')
   common.check_at_least(parser, args, 0, 'warmup', 'matmul_size')
-  common.check_out(parser, args)
   ours = list(dict.fromkeys(torch_reference_method(m) or m
                             for m in args.methods))
-  common.check_methods(parser, '--methods', ours)
-  common.check_configs(parser, args, '--sizes', args.sizes, ours,
-                       args.gin_bindings)
+  common.check_training_flags(parser, args, '--sizes', args.sizes,
+                              '--methods', ours, args.gin_bindings)
   try:
     previous = previous_records(args.out) if args.append else []
   except ValueError as e:
