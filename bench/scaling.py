@@ -37,6 +37,30 @@ def parse_mesh(text: str):
   return data, model
 
 
+def check_meshes_fit(parser, args, methods, meshes) -> None:
+  """A usage error for a mesh the model's parameters cannot be sharded on
+  (e.g. 1x3: 64 columns of a tiny kernel over 3 devices), before any worker
+  starts; only shapes are computed."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mov_jax import partitioning, train  # pylint: disable=g-import-not-at-top
+  for method in methods:
+    cfg = common.train_config(
+        args.size, method, batch_size=args.batch_size,
+        input_length=args.input_length, target_length=args.target_length,
+        dtype=args.dtype, dropout=args.dropout)
+    variables = jax.eval_shape(train.variables_initializer(cfg),
+                               jax.ShapeDtypeStruct((2,), jnp.uint32))
+    for data, model in meshes:
+      try:
+        partitioning.check_shardable(
+            variables, {partitioning.DATA: data, partitioning.MODEL: model},
+            cfg.mesh.rules)
+      except ValueError as e:
+        parser.error(f'--meshes: {data}x{model} does not fit --size='
+                     f'{args.size} {method}: {e}')
+
+
 def run_mesh(args, method: str, data: int, model: int) -> Dict[str, Any]:
   """Trains --steps steps on a data x model mesh (inside a worker)."""
   from mov_jax import partitioning  # pylint: disable=g-import-not-at-top
@@ -114,6 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     meshes.append((data, model))
   if (1, 1) not in meshes:
     meshes.insert(0, (1, 1))
+  check_meshes_fit(parser, args, methods, meshes)
 
   passed = [a for a in (argv if argv is not None else sys.argv[1:])
             if not a.startswith(('--out', '--meshes'))]

@@ -237,8 +237,8 @@ def _param_layout(network, mesh, rules) -> Tuple[Any, Any]:
   """(abstract params, their NamedShardings by logical axes), as training."""
   abstract = jax.eval_shape(functools.partial(_init_variables, network),
                             jax.random.PRNGKey(0))
-  return abstract['params'], partitioning.shardings_for(
-      partitioning.logical_specs(abstract['params_axes']), mesh, rules)
+  return abstract['params'], partitioning.param_shardings(abstract, mesh,
+                                                          rules)
 
 
 def _check_train_shapes(path: str, abstract_params) -> None:

@@ -15,6 +15,7 @@ import flax
 import jax
 import numpy as np
 from flax import linen as nn
+from flax import traverse_util
 from flax.linen import partitioning as nn_partitioning
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -84,14 +85,42 @@ class MeshConfig:
         r for r in STANDARD_RULES if r[0] not in overridden)
 
 
-def logical_specs(params_axes) -> Any:
-  """Tree of PartitionSpecs of logical names from a `params_axes` tree."""
-  return nn_partitioning.get_axis_names(params_axes)
-
-
-def shardings_for(logical: Any, mesh: Mesh, rules) -> Any:
-  """NamedShardings (plain nested dicts) for a tree of logical specs."""
+def param_shardings(variables, mesh: Mesh, rules) -> Any:
+  """NamedShardings (plain nested dicts) of the parameters of `variables`
+  (abstract or real, with their `params_axes`) by their logical axes, after
+  `check_shardable` on the mesh's axis sizes."""
+  check_shardable(variables, dict(mesh.shape), rules)
+  logical = nn_partitioning.get_axis_names(variables['params_axes'])
   return flax.core.unfreeze(nn.logical_to_mesh_sharding(logical, mesh, rules))
+
+
+def check_shardable(variables, mesh_shape: Dict[str, int], rules) -> None:
+  """Raises a ValueError naming the first parameter of `variables` whose
+  sharded dimension a mesh of `mesh_shape` (e.g. {'data': 1, 'model': 3})
+  does not divide, where jax would fail later inside the jitted initialiser.
+  Needs no devices, so a launcher can check a mesh before starting it."""
+  logical = flax.core.unfreeze(
+      nn_partitioning.get_axis_names(variables['params_axes']))
+  flat_logical = traverse_util.flatten_dict(logical, sep='/')
+  flat_params = traverse_util.flatten_dict(
+      flax.core.unfreeze(variables['params']), sep='/')
+  for name, param in flat_params.items():
+    axes = tuple(flat_logical[name])
+    spec = nn.logical_to_mesh_axes(axes, rules)
+    for dim, (size, mesh_axes) in enumerate(zip(param.shape, spec)):
+      if mesh_axes is None:
+        continue
+      names = mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,)
+      ways = int(np.prod([mesh_shape[a] for a in names]))
+      if size % ways:
+        split = ' x '.join(f'{a}={mesh_shape[a]}' for a in names)
+        raise ValueError(
+            f'Parameter {name} {tuple(param.shape)} (logical axes {axes}) '
+            f'cannot be sharded on a {mesh_shape} mesh: its dimension {dim} '
+            f'({axes[dim]}, size {size}) is split over mesh axis {split}, '
+            f'which does not divide {size}. Use a model_parallel that '
+            'divides the sharded sizes of the model (heads, mlp, vocab), or '
+            'map that logical axis to None in MeshConfig.extra_rules.')
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

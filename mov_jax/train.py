@@ -533,9 +533,9 @@ class StateLayout:
         rng=jax.device_put(self.dropout_rng, replicated))
 
 
-def state_layout(cfg: TrainConfig, tx: optax.GradientTransformation,
-                 mesh: jax.sharding.Mesh) -> StateLayout:
-  """The `StateLayout` of `cfg` (seed, network, TRAINABLE_REGEX) on `mesh`."""
+def variables_initializer(cfg: TrainConfig) -> Callable[[jax.Array], Any]:
+  """rng -> the network's variables (`params`, `params_axes`) for `cfg`'s
+  feature lengths; `jax.eval_shape` of it gives the shapes and axes alone."""
   lengths = cfg.task_feature_lengths
   enc = jnp.zeros((1, lengths['inputs']), jnp.int32)
   dec = jnp.zeros((1, lengths['targets']), jnp.int32)
@@ -545,11 +545,17 @@ def state_layout(cfg: TrainConfig, tx: optax.GradientTransformation,
                             decoder_input_tokens=dec,
                             decoder_target_tokens=dec, enable_dropout=False)
 
+  return init_variables
+
+
+def state_layout(cfg: TrainConfig, tx: optax.GradientTransformation,
+                 mesh: jax.sharding.Mesh) -> StateLayout:
+  """The `StateLayout` of `cfg` (seed, network, TRAINABLE_REGEX) on `mesh`."""
+  init_variables = variables_initializer(cfg)
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
   abstract_vars = jax.eval_shape(init_variables, init_rng)
-  param_shardings = partitioning.shardings_for(
-      partitioning.logical_specs(abstract_vars['params_axes']), mesh,
-      cfg.mesh.rules)
+  param_shardings = partitioning.param_shardings(abstract_vars, mesh,
+                                                 cfg.mesh.rules)
   trainable_shard, frozen_shard = optim.split_trainable(
       param_shardings, cfg.trainable_regex)
 

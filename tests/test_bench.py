@@ -228,6 +228,9 @@ TINY = ['--sizes=tiny', '--torch_reference=no']
     ('scaling', ['--meshes=3x1', '--batch_size=8'],
      '--meshes: 3x1 splits the batch over 3 data-parallel devices, but '
      '--batch_size=8 is not divisible by 3'),
+    # Caught from the shapes alone, before a 3-device worker starts.
+    ('scaling', ['--meshes=1x3', '--methods=mov-10'],
+     '--meshes: 1x3 does not fit --size=tiny mov-10: Parameter '),
 ])
 def test_bad_flags_are_usage_errors_naming_them(capsys, script, argv,
                                                 message):

@@ -110,6 +110,39 @@ def test_sharded_8_devices_equal_one_device(tmp_path):
     assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a, b)
 
 
+def test_a_mesh_that_cannot_shard_a_parameter_is_named_before_compiling():
+  import gin  # pylint: disable=g-import-not-at-top
+  from mov_jax import partitioning  # pylint: disable=g-import-not-at-top
+  gin.clear_config(clear_constants=True)
+  gin_utils.parse_gin(['runs/demo.gin'], [])
+  cfg = train.config_from_gin()
+  gin.clear_config(clear_constants=True)
+  variables = jax.eval_shape(train.variables_initializer(cfg),
+                             jax.random.PRNGKey(0))
+  # Tiny: 4 heads x 16, mlp 128, vocab 32128: model-parallel 2 and 4
+  # divide every sharded dimension (data-parallel shards no parameter).
+  for data, model in ((1, 1), (3, 1), (8, 1), (1, 2), (2, 4)):
+    partitioning.check_shardable(variables, {'data': data, 'model': model},
+                                 cfg.mesh.rules)
+  with pytest.raises(ValueError) as error:
+    partitioning.check_shardable(variables, {'data': 1, 'model': 3},
+                                 cfg.mesh.rules)
+  message = str(error.value)
+  with pytest.raises(ValueError, match=r'its dimension 0 \(heads, size 4\) '
+                     'is split over mesh axis model=8'):
+    partitioning.check_shardable(variables, {'data': 1, 'model': 8},
+                                 cfg.mesh.rules)
+  assert "(logical axes ('embed', 'joined_kv'))" in message
+  assert ('is split over mesh axis model=3, which does not divide 64. Use a '
+          'model_parallel that divides') in message
+  # The same check guards the shardings training and evaluation build.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1),
+                           ('data', 'model'))
+  shardings = partitioning.param_shardings(variables, mesh, cfg.mesh.rules)
+  assert (traverse_util.flatten_dict(shardings).keys() ==
+          traverse_util.flatten_dict(variables['params']).keys())
+
+
 def test_adapter_export_is_small_and_restores_the_trained_model(tmp_path):
   """MoV-10 on T5 v1.1 small: adapter export < 1% of the full checkpoint."""
   import gin  # pylint: disable=g-import-not-at-top
