@@ -334,17 +334,19 @@ class MetricsLog:
                 if l and json.loads(l)['step'] <= resume_step]
       with ts.gfile().GFile(self.path, 'w') as f:
         f.write(''.join(l + '\n' for l in kept))
-    self._writer = None
-    if self._primary:
-      from clu import metric_writers  # pylint: disable=g-import-not-at-top
-      self._writer = metric_writers.create_default_writer(
-          os.path.join(model_dir, 'train'), asynchronous=False)
+    self._tensorboard_dir = os.path.join(model_dir, 'train')
+    self._writer = None  # opened at the first write: a run with nothing to
+    # train leaves no empty events file behind.
 
   def write(self, step: int, scalars: Dict[str, float]) -> None:
     if not self._primary:
       return
     with ts.gfile().GFile(self.path, 'a') as f:
       f.write(json.dumps({'step': step, **scalars}, sort_keys=True) + '\n')
+    if self._writer is None:
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top
+      self._writer = metric_writers.create_default_writer(
+          self._tensorboard_dir, asynchronous=False)
     self._writer.write_scalars(step, scalars)
 
   def close(self):

@@ -264,11 +264,14 @@ def test_bad_configurations_fail_clearly_and_leave_checkpoints_alone(
                        '--gin.BATCH_SIZE=4', '--gin.PACKING=False')
   assert code == 2, err
   assert 'BATCH_SIZE: saved 8, now 4; PACKING: saved True, now False' in err
-  # TRAIN_STEPS already reached: said, and nothing trained or exported.
+  # TRAIN_STEPS already reached: said, and nothing trained or exported (nor
+  # an empty TensorBoard events file written).
+  events = sorted((model_dir / 'train').iterdir())
   code, out, _ = _main(capsys, *run, '--gin.TRAIN_STEPS=2')
   assert code == 0 and 'already at step 3 >= TRAIN_STEPS=2' in out, out
   assert 'nothing was trained' in out and 'Adapter (' not in out
   assert _tree_digest(model_dir / 'checkpoints') == before
+  assert sorted((model_dir / 'train').iterdir()) == events
 
   # A damaged latest checkpoint is named, and left where it is.
   broken = tmp_path / 'broken'
