@@ -420,7 +420,21 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
     iterator = iter(dataset)
     start_step = 0
     if latest is not None:
-      state, meta = ts.restore(manager, latest, abstract_state, iterator)
+      try:
+        state, meta = ts.restore(manager, latest, abstract_state, iterator)
+      except ts.PipelineMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        # Orbax raises a bare Exception for an array it cannot read (e.g. a
+        # truncated data file in a step that looks complete); TensorStore's
+        # error under it names the array and the file.
+        cause = e
+        while cause.__cause__ is not None:
+          cause = cause.__cause__
+        first_line = (str(cause).strip().splitlines() or [''])[0]
+        raise _damaged_checkpoint_error(
+            cfg, manager, latest, f'its arrays could not be read: '
+            f'{type(cause).__name__}: {first_line[:400]}') from e
       start_step = int(state.step)
       if primary:
         print(f'Resumed from {cfg.model_dir}/checkpoints/{latest} '
@@ -635,6 +649,20 @@ def pipeline_problems(saved: Mapping[str, Any], cfg: TrainConfig) -> list:
           if key in saved and saved[key] != new[key]]
 
 
+def _damaged_checkpoint_error(cfg: TrainConfig, manager, step: int,
+                              why: str) -> ValueError:
+  """The latest checkpoint `step` cannot be resumed from: says `why` and how
+  to go on without deleting anything."""
+  step_dir = os.path.join(cfg.model_dir, 'checkpoints', str(step))
+  earlier = [s for s in manager.all_steps() if s < step]
+  then = (f'resume from step {max(earlier)}' if earlier else
+          'start again from step 0 (no earlier checkpoint)')
+  return ValueError(
+      f'The latest checkpoint {step_dir} is incomplete or damaged ({why}). '
+      f'Move it out of {cfg.model_dir}/checkpoints (e.g. mv {step_dir} '
+      f'{cfg.model_dir}/broken_step_{step}) to {then}. Nothing was changed.')
+
+
 def _check_resumable(cfg: TrainConfig, manager, step: int,
                      abstract_state: ts.TrainState) -> None:
   """Raises unless checkpoint `step` is complete and was written by this
@@ -642,14 +670,7 @@ def _check_resumable(cfg: TrainConfig, manager, step: int,
   step_dir = os.path.join(cfg.model_dir, 'checkpoints', str(step))
   broken = ts.step_problems(step_dir)
   if broken:
-    earlier = [s for s in manager.all_steps() if s < step]
-    then = (f'resume from step {max(earlier)}' if earlier else
-            'start again from step 0 (no earlier checkpoint)')
-    raise ValueError(
-        f'The latest checkpoint {step_dir} is incomplete or damaged '
-        f'({"; ".join(broken)}). Move it out of {cfg.model_dir}/checkpoints '
-        f'(e.g. mv {step_dir} {cfg.model_dir}/broken_step_{step}) to {then}. '
-        'Nothing was changed.')
+    raise _damaged_checkpoint_error(cfg, manager, step, '; '.join(broken))
   saved = ts.saved_shapes(step_dir)
   expected = ts.tree_shapes(abstract_state)
   part = lambda shapes, *names: {k: v for k, v in shapes.items()

@@ -53,12 +53,18 @@ class DatasetRestore(ocp.args.CheckpointArgs):
   iterator: Any  # a fresh iterator of the same pipeline, restored in place
 
 
-def pipeline_mismatch_error(directory, error: Exception) -> ValueError:
+class PipelineMismatchError(ValueError):
+  """A checkpoint's input-pipeline state that the configured pipeline cannot
+  take; see `pipeline_mismatch_error`."""
+
+
+def pipeline_mismatch_error(directory,
+                            error: Exception) -> PipelineMismatchError:
   """A saved input-pipeline state that the configured pipeline cannot take
   (another mixture, lengths, batch size, packing, ...): TensorFlow's error
   says only what failed, this says what to do."""
   first_line = str(getattr(error, 'message', error)).strip().split('\n')[0]
-  return ValueError(
+  return PipelineMismatchError(
       f'The input-pipeline state in {directory} does not fit the configured '
       f'data pipeline ({type(error).__name__}: {first_line[:300]}). Resume '
       'with the data settings the checkpoint was written with '

@@ -287,6 +287,23 @@ def test_bad_configurations_fail_clearly_and_leave_checkpoints_alone(
   assert code == 2 and 'state/ is missing' in err, err
   assert (broken / 'checkpoints' / '3' / 'metadata').exists()
 
+  # A step that looks complete but whose array data is cut short (a disk
+  # that filled up, a partial copy): the array and the file are named.
+  truncated = tmp_path / 'truncated'
+  shutil.copytree(model_dir, truncated)
+  data_files = [p for p in (truncated / 'checkpoints' / '3' / 'state').rglob(
+      'ocdbt.process_*/d/*') if p.is_file()]
+  assert data_files
+  for p in data_files:
+    os.truncate(p, 10)
+  kept = _tree_digest(truncated)
+  code, _, err = _main(capsys, *FAST, f"--gin.MODEL_DIR='{truncated}'",
+                       '--gin.TRAIN_STEPS=6')
+  assert code == 2, err
+  assert (f'{truncated}/checkpoints/3 is incomplete or damaged (its arrays '
+          'could not be read: ValueError: OUT_OF_RANGE: Error reading') in err
+  assert 'Move it out of' in err and _tree_digest(truncated) == kept
+
   # A checkpoint of before the pipeline settings were saved still resumes;
   # another pipeline fails clearly, in the restore or at the first batch.
   old = tmp_path / 'old'
