@@ -37,6 +37,7 @@ can be recomputed), predictions.jsonl, and TensorBoard summaries in
 import argparse
 import csv
 import dataclasses
+import datetime
 import functools
 import io
 import json
@@ -699,18 +700,69 @@ def evaluated_identity(cfg: EvalConfig, checkpoint: Checkpoint
   # rematerialisation changes only memory.
   for field in ('dropout_rate', 'remat_policy'):
     network.pop(field, None)
+  adapter = cfg.adapter_checkpoint_path
   return json.loads(json.dumps({
       'checkpoint': _resolved(checkpoint.path),
-      'adapter_checkpoint': _resolved(cfg.adapter_checkpoint_path),
+      'checkpoint_saved_ns': _orbax_commit_ns(checkpoint.path),
+      'adapter_checkpoint': _resolved(adapter),
+      'adapter_checkpoint_saved_ns': _orbax_commit_ns(adapter),
       'network': network,
       'adapters': None if adapters is None else _describe(adapters),
   }, default=str))
 
 
+def _orbax_commit_ns(path: Optional[str]) -> Optional[int]:
+  """When orbax committed the save at `path` (a training step, or a
+  `checkpoints.save_params` directory), from its _CHECKPOINT_METADATA; None
+  for other formats. It names one save wherever the directory is moved or
+  copied to, and tells a retrained step at the same path from the old one."""
+  if not path:
+    return None
+  for directory in (path, os.path.join(path, 'params')):
+    metadata = os.path.join(directory, '_CHECKPOINT_METADATA')
+    try:
+      with tf.io.gfile.GFile(metadata) as f:
+        return json.load(f).get('commit_timestamp_nsecs')
+    except (tf.errors.NotFoundError, json.JSONDecodeError, AttributeError):
+      continue
+  return None
+
+
+# Each location in an identity, and the save time that identifies it.
+_SAVED = {'checkpoint': 'checkpoint_saved_ns',
+          'adapter_checkpoint': 'adapter_checkpoint_saved_ns'}
+
+
+def _identity_differences(recorded: Mapping[str, Any],
+                          identity: Mapping[str, Any]) -> List[str]:
+  """The fields in which two identities differ. A checkpoint (or adapter
+  export) is the same when both record its save time and the times agree,
+  wherever it lies now (a moved MODEL_DIR); else when its path is the
+  same (other formats, and results recorded before save times were)."""
+  differ = []
+  for key, value in identity.items():
+    if key in _SAVED.values():
+      continue
+    if key in _SAVED:
+      then, now = recorded.get(_SAVED[key]), identity[_SAVED[key]]
+      same = then == now if (then and now) else recorded.get(key) == value
+    else:
+      same = recorded.get(key) == value
+    if not same:
+      differ.append(key)
+  return differ
+
+
 def _evaluated(identity: Mapping[str, Any]) -> str:
-  adapter = identity.get('adapter_checkpoint')
-  return str(identity.get('checkpoint')) + (
-      f' with the adapter export {adapter}' if adapter else '')
+  def located(key):
+    saved = identity.get(_SAVED[key])
+    if not saved:
+      return str(identity.get(key))
+    when = datetime.datetime.fromtimestamp(saved / 1e9, datetime.timezone.utc)
+    return f'{identity.get(key)} (saved {when:%Y-%m-%d %H:%M:%S.%f} UTC)'
+  return located('checkpoint') + (
+      f' with the adapter export {located("adapter_checkpoint")}'
+      if identity.get('adapter_checkpoint') else '')
 
 
 def _previously_evaluated(cfg: EvalConfig, checkpoint: Checkpoint) -> bool:
@@ -736,8 +788,8 @@ def _previously_evaluated(cfg: EvalConfig, checkpoint: Checkpoint) -> bool:
         f'and model they are of (written by an older mov-jax), so they '
         f'cannot be verified to be of {checkpoint.path} with the configured '
         f'model. {other_dir}')
-  if recorded != identity:
-    differ = ', '.join(k for k in identity if recorded.get(k) != identity[k])
+  differ = ', '.join(_identity_differences(recorded, identity))
+  if differ:
     raise ValueError(
         f'{path} holds results of {checkpoint.name} of {_evaluated(recorded)}, '
         f'not of {_evaluated(identity)} as configured now (they differ in: '

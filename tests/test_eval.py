@@ -190,13 +190,21 @@ def test_model_dir_evaluates_each_step_once(run, model_dir_eval, capsys):
   # Other settings never mix with earlier results in one EVAL_OUTPUT_DIR.
   with pytest.raises(ValueError, match='other settings'):
     _evaluate(run / 'model', out, 'LENGTH_NORMALIZE = True')
-  # Nor does another checkpoint or model under the same name (step_20).
+  # A moved (here: copied) MODEL_DIR holds the same saves: still evaluated.
+  moved = run / 'moved_model'
+  shutil.copytree(run / 'model', moved)
+  assert _evaluate(moved, out, *MODEL_DIR_BINDINGS) == []
+  assert 'Skipping step_20' in capsys.readouterr().out
+  # Another checkpoint under the same name (step_20) is refused: a step
+  # saved at another time, here step 10's save in a step-20 directory (as a
+  # run retrained into the same MODEL_DIR would leave).
   other = run / 'other_model' / 'checkpoints' / '20'
-  shutil.copytree(run / 'model' / 'checkpoints' / '20', other)
+  shutil.copytree(run / 'model' / 'checkpoints' / '10', other)
   with pytest.raises(ValueError, match='differ in: checkpoint') as error:
     _evaluate(other, out)
   assert str(run / 'model' / 'checkpoints' / '20') in str(error.value)
   assert str(other) in str(error.value)
+  assert 'UTC)' in str(error.value)  # says when each was saved
   assert 'another EVAL_OUTPUT_DIR' in str(error.value)
   with pytest.raises(ValueError, match=r'differ in: adapters\)'):
     _evaluate(run / 'model', out, 'ROUTER_TOP_K = 2')  # same shapes
