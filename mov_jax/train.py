@@ -425,16 +425,8 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
       except ts.PipelineMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        # Orbax raises a bare Exception for an array it cannot read (e.g. a
-        # truncated data file in a step that looks complete); TensorStore's
-        # error under it names the array and the file.
-        cause = e
-        while cause.__cause__ is not None:
-          cause = cause.__cause__
-        first_line = (str(cause).strip().splitlines() or [''])[0]
-        raise _damaged_checkpoint_error(
-            cfg, manager, latest, f'its arrays could not be read: '
-            f'{type(cause).__name__}: {first_line[:400]}') from e
+        raise _damaged_checkpoint_error(cfg, manager, latest,
+                                        ts.unreadable_arrays(e)) from e
       start_step = int(state.step)
       if primary:
         print(f'Resumed from {cfg.model_dir}/checkpoints/{latest} '

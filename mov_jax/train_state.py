@@ -296,8 +296,27 @@ def restore_train_params(path: str, shardings=None) -> Dict[str, Any]:
       k: (ocp.ArrayRestoreArgs(sharding=flat_shardings[k]) if flat_shardings
           else ocp.RestoreArgs(restore_type=np.ndarray)) for k in flat}
   unflat = lambda d: flax.traverse_util.unflatten_dict(d, sep='/')
-  restored = checkpointer.restore(
-      state_dir, args=ocp.args.PyTreeRestore(
-          item=unflat(template), restore_args=unflat(restore_args),
-          partial_restore=True))
+  try:
+    restored = checkpointer.restore(
+        state_dir, args=ocp.args.PyTreeRestore(
+            item=unflat(template), restore_args=unflat(restore_args),
+            partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        f'The checkpoint {path} is damaged ({unreadable_arrays(e)}). '
+        'Evaluate another step, or copy this one again from where it was '
+        'written. Nothing was changed.') from e
   return optim.merge_params(restored['trainable'], restored['frozen'])
+
+
+def unreadable_arrays(error: Exception) -> str:
+  """Why orbax could not read a checkpoint's arrays. Orbax raises a bare
+  Exception for an array it cannot read (e.g. a data file cut short in a
+  step that looks complete); TensorStore's error under it names the array
+  and the file."""
+  cause = error
+  while cause.__cause__ is not None:
+    cause = cause.__cause__
+  first_line = (str(cause).strip().splitlines() or [''])[0]
+  return (f'its arrays could not be read: {type(cause).__name__}: '
+          f'{first_line[:400]}')

@@ -310,6 +310,18 @@ def test_missing_macros_and_bad_paths_exit_2(run, capsys):
   code, err = evaluate(step, not_a_dir)
   assert code == 2 and f'EVAL_OUTPUT_DIR {not_a_dir} cannot be created' in err
   assert 'not a directory' in err and not_a_dir.read_text() == 'kept'
+  # A step whose array data was cut short (a partial copy) is named.
+  damaged = run / 'damaged' / 'checkpoints' / '10'
+  shutil.copytree(step, damaged)
+  data_files = list((damaged / 'state').glob('ocdbt.process_*/d/*'))
+  assert data_files
+  for p in data_files:
+    os.truncate(p, 10)
+  kept = _tree_digest(damaged)
+  code, err = evaluate(damaged, run / 'out')
+  assert code == 2 and f'The checkpoint {damaged} is damaged (its arrays ' \
+      'could not be read: ValueError: OUT_OF_RANGE: Error reading' in err, err
+  assert _tree_digest(damaged) == kept
   assert _tree_digest(run / 'model' / 'checkpoints') == before
   assert not (run / 'out').exists()
 
