@@ -422,11 +422,11 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
     if latest is not None:
       try:
         state, meta = ts.restore(manager, latest, abstract_state, iterator)
-      except ts.PipelineMismatchError:
-        raise
       except Exception as e:  # pylint: disable=broad-except
-        raise _damaged_checkpoint_error(cfg, manager, latest,
-                                        ts.unreadable_arrays(e)) from e
+        why = ts.unreadable_arrays(e)
+        if why is None:
+          raise
+        raise _damaged_checkpoint_error(cfg, manager, latest, why) from e
       start_step = int(state.step)
       if primary:
         print(f'Resumed from {cfg.model_dir}/checkpoints/{latest} '

@@ -14,6 +14,7 @@ complete, so a crash never leaves a half-written checkpoint behind.
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Dict, Optional
 
 import flax
@@ -53,18 +54,12 @@ class DatasetRestore(ocp.args.CheckpointArgs):
   iterator: Any  # a fresh iterator of the same pipeline, restored in place
 
 
-class PipelineMismatchError(ValueError):
-  """A checkpoint's input-pipeline state that the configured pipeline cannot
-  take; see `pipeline_mismatch_error`."""
-
-
-def pipeline_mismatch_error(directory,
-                            error: Exception) -> PipelineMismatchError:
+def pipeline_mismatch_error(directory, error: Exception) -> ValueError:
   """A saved input-pipeline state that the configured pipeline cannot take
   (another mixture, lengths, batch size, packing, ...): TensorFlow's error
   says only what failed, this says what to do."""
   first_line = str(getattr(error, 'message', error)).strip().split('\n')[0]
-  return PipelineMismatchError(
+  return ValueError(
       f'The input-pipeline state in {directory} does not fit the configured '
       f'data pipeline ({type(error).__name__}: {first_line[:300]}). Resume '
       'with the data settings the checkpoint was written with '
@@ -302,21 +297,28 @@ def restore_train_params(path: str, shardings=None) -> Dict[str, Any]:
             item=unflat(template), restore_args=unflat(restore_args),
             partial_restore=True))
   except Exception as e:  # pylint: disable=broad-except
+    why = unreadable_arrays(e)
+    if why is None:
+      raise
     raise ValueError(
-        f'The checkpoint {path} is damaged ({unreadable_arrays(e)}). '
-        'Evaluate another step, or copy this one again from where it was '
-        'written. Nothing was changed.') from e
+        f'The checkpoint {path} is damaged ({why}). Evaluate another step, '
+        'or copy this one again from where it was written. Nothing was '
+        'changed.') from e
   return optim.merge_params(restored['trainable'], restored['frozen'])
 
 
-def unreadable_arrays(error: Exception) -> str:
-  """Why orbax could not read a checkpoint's arrays. Orbax raises a bare
-  Exception for an array it cannot read (e.g. a data file cut short in a
-  step that looks complete); TensorStore's error under it names the array
-  and the file."""
+def unreadable_arrays(error: Exception) -> Optional[str]:
+  """Why orbax could not read a checkpoint's arrays, when `error` is such a
+  failure (else None: e.g. out of memory, or an input-pipeline mismatch).
+  Orbax raises a bare Exception for an array it cannot read (e.g. a data
+  file cut short or missing in a step that looks complete); the TensorStore
+  error under it ('OUT_OF_RANGE: Error reading "<array>" in OCDBT database
+  at ...') names the array and the file."""
   cause = error
   while cause.__cause__ is not None:
     cause = cause.__cause__
   first_line = (str(cause).strip().splitlines() or [''])[0]
+  if not re.match(r'[A-Z_]+: Error (reading|decoding) ', first_line):
+    return None
   return (f'its arrays could not be read: {type(cause).__name__}: '
           f'{first_line[:400]}')
