@@ -28,6 +28,8 @@ setuptools.setup(
     package_data={
         'mov_jax.gin_files': ['*.gin', '*/*.gin', '*/*/*.gin'],
         'mov_jax.tasks': ['data/**/*'],
+        # C++ source of the fused CPU kernels, compiled on first use.
+        'mov_jax.kernels': ['*.cc'],
     },
     install_requires=[
         'jax>=0.10',

@@ -16,7 +16,7 @@ plain inference pay nothing):
 """
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -130,14 +130,33 @@ class Router(nn.Module):
     return (cfg.top_k is None or cfg.top_k >= self.num_experts or
             cfg.renormalize_top_k)
 
+  def routes_plainly(self, deterministic: bool) -> bool:
+    """True when routing is a softmax of `inputs @ kernel`, token by token.
+
+    That is: token granularity, no top-k masking, no jitter in this call.
+    Only then can a fused kernel compute the routing (see `fused`).
+    """
+    cfg = self.config
+    return (cfg.granularity == TOKEN and
+            (cfg.top_k is None or cfg.top_k >= self.num_experts) and
+            (cfg.jitter_noise == 0.0 or deterministic))
+
   @nn.compact
   def __call__(self, inputs: Array, *, input_axes: Tuple[str, ...],
-               deterministic: bool, mask: Optional[Array] = None) -> Array:
+               deterministic: bool, mask: Optional[Array] = None,
+               fused: Optional[Callable[[Array, Array], Tuple[Array, Array,
+                                                             Array]]] = None):
     """Probabilities `[..., experts]` (float32) for `inputs [b, l, ..., d]`.
 
     `input_axes` are the logical names of `inputs`' axes; the kernel is named
     `(input_axes[-1], 'expert')`. `mask` (`[b, l]`, 1 on real tokens) drives
     sequence-level pooling and the statistics.
+
+    `fused(inputs, kernel) -> (result, logits, probs)`, where routing is
+    plain (`routes_plainly`), computes the routing together with what
+    consumes it (one kernel for a whole MoV site); the router then sows its
+    statistics from that call's logits and probabilities and returns
+    `result` instead of the probabilities.
     """
     cfg = self.config
     if self.num_experts < 1:
@@ -157,6 +176,14 @@ class Router(nn.Module):
     kernel = layers.param_with_axes(
         'kernel', nn.initializers.normal(stddev=cfg.kernel_stddev), (x.shape[-1], self.num_experts),
         jnp.float32, axes=(input_axes[-1], 'expert'))
+    if fused is not None:
+      if not self.routes_plainly(deterministic):
+        raise ValueError('Router: a fused routing kernel needs token-level '
+                         'routing without top-k or jitter; got '
+                         f'{cfg}.')
+      result, logits, probs = fused(x, kernel)
+      self._sow_statistics(logits, probs, token_weights)
+      return result
     # A thin kernel ([features, experts]): see `layers.weight_matmul`.
     logits = layers.weight_matmul(x, kernel)
     logits = layers.with_sharding_constraint(

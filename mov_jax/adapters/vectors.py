@@ -13,6 +13,7 @@ router kernel `[mlp, E]`. With `num_experts=1` and `router=None` this is IA3
 (`mov_scaling [heads, 1, kv]` / `[1, mlp]`).
 """
 
+import functools
 from typing import Optional, Tuple
 
 import jax
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
+from mov_jax import kernels
 from mov_jax import layers
 from mov_jax.adapters import routing
 
@@ -38,10 +40,17 @@ class MixtureOfVectors(nn.Module):
       without routing (IA3).
     router_input: 'adapted' routes on the tensor being scaled (official), or
       'input' on the site's input (e.g. the layer input of a key projection).
+    cpu_kernel: on the CPU backend, compute the whole site (router, softmax,
+      mixture, scaling and their gradients) in one fused kernel
+      (`mov_jax.kernels`) where it applies: float32, one device, at most 32
+      experts, routing on the adapted tensor, token-level routing without
+      top-k or jitter. The same arithmetic as the JAX operations, in fewer
+      passes over memory.
   """
   num_experts: int = 10
   router: Optional[routing.RouterConfig] = routing.RouterConfig()
   router_input: str = ADAPTED
+  cpu_kernel: bool = True
 
   @nn.compact
   def __call__(self, inputs: Array, outputs: Array, *, deterministic: bool,
@@ -69,12 +78,19 @@ class MixtureOfVectors(nn.Module):
       merged = scaling[:, 0, :] if per_head else scaling[0]
       return outputs * jnp.asarray(merged, outputs.dtype)
 
+    router = routing.Router(num_experts=self.num_experts,
+                            config=self.router, name='router')
+    if (self.cpu_kernel and self.router_input == ADAPTED and
+        router.probabilities_sum_to_one() and
+        router.routes_plainly(deterministic) and
+        kernels.use_cpu_kernels(outputs.dtype, self.num_experts)):
+      return router(outputs, input_axes=output_axes,
+                    deterministic=deterministic, mask=mask,
+                    fused=functools.partial(_fused_site, scaling=scaling))
     if self.router_input == ADAPTED:
       router_in, router_axes = outputs, output_axes
     else:
       router_in, router_axes = inputs, input_axes
-    router = routing.Router(num_experts=self.num_experts,
-                            config=self.router, name='router')
     probs = router(
         router_in, input_axes=router_axes, deterministic=deterministic,
         mask=mask)
@@ -88,6 +104,18 @@ class MixtureOfVectors(nn.Module):
       merged = _mix(probs, scaling, per_head)
     merged = layers.with_sharding_constraint(merged, output_axes)
     return outputs * jnp.asarray(merged, outputs.dtype)
+
+
+def _fused_site(x: Array, kernel: Array, *, scaling: Array):
+  """`kernels.mov_site` on `[b, l, features]` or `[b, l, heads, kv]`."""
+  per_head = x.ndim == 4
+  heads = x.shape[2] if per_head else 1
+  vectors_ = scaling if per_head else scaling[None]
+  y, logits, probs = kernels.mov_site(
+      x.reshape(-1, heads, x.shape[-1]), kernel, vectors_)
+  stats_shape = x.shape[:-1] + (kernel.shape[-1],)
+  return (y.reshape(x.shape), logits.reshape(stats_shape),
+          probs.reshape(stats_shape))
 
 
 def _mix(probs: Array, vectors: Array, per_head: bool) -> Array:

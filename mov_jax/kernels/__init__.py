@@ -1,0 +1,181 @@
+"""Fused CPU kernels for the mixture sites, as XLA FFI custom calls.
+
+XLA's CPU backend runs a MoV site (router matmul, softmax, mixture, scaling
+and their gradients) as about thirty operations, most of them passes over the
+site's activations or thin, memory-bound matmuls; `mov_cpu.cc` does the same
+arithmetic in one pass forward and one backward, on XLA's intra-op threads.
+
+The kernel is C++ compiled on first use with the host's compiler (`c++`, or
+`$CXX`) for the host's CPU (`-march=native`) against jaxlib's FFI headers, and
+cached under `$MOV_JAX_KERNEL_CACHE` (default `~/.cache/mov_jax/kernels`),
+keyed by the source, jaxlib, compiler and CPU. Where that fails (no compiler)
+the models fall back to the plain JAX computation, with one warning that says
+why; `MOV_JAX_CPU_KERNELS=0` turns the kernels off. They only ever run on the
+CPU backend, in float32, on one device (a sharded step keeps the JAX
+computation, which XLA partitions), with at most 32 experts.
+"""
+
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+_SOURCE = pathlib.Path(__file__).with_name('mov_cpu.cc')
+_FORWARD = 'mov_jax_mov_forward'
+_BACKWARD = 'mov_jax_mov_backward'
+
+# The most experts a kernel routes over (two vectors of 16 lanes).
+MAX_EXPERTS = 32
+
+_lock = threading.Lock()
+_status: Optional[Tuple[bool, str]] = None  # (available, why not)
+
+
+def cache_dir() -> pathlib.Path:
+  return pathlib.Path(
+      os.environ.get('MOV_JAX_KERNEL_CACHE') or
+      pathlib.Path.home() / '.cache' / 'mov_jax' / 'kernels')
+
+
+def _cpu_signature() -> str:
+  """What `-march=native` compiles for: the CPU's model and feature flags."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      lines = [l for l in f if l.startswith(('model name', 'flags'))]
+    return ''.join(sorted(set(lines)))
+  except OSError:
+    return platform.processor() or platform.machine()
+
+
+def _compile(compiler: str) -> pathlib.Path:
+  include = jax.ffi.include_dir()
+  version = subprocess.run([compiler, '--version'], capture_output=True,
+                           text=True, check=True).stdout
+  key = hashlib.sha256('\0'.join([
+      _SOURCE.read_text(encoding='utf-8'), jax.__version__,
+      jax.lib.__version__ if hasattr(jax.lib, '__version__') else '',
+      str(pathlib.Path(include).resolve()), version, _cpu_signature()
+  ]).encode()).hexdigest()[:16]
+  target = cache_dir() / f'mov_cpu_{key}.so'
+  if target.exists():
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  # Compiled to a temporary name and renamed: processes that build at once
+  # (pytest workers) never load a half-written library.
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=target.parent)
+  os.close(fd)
+  try:
+    cmd = [compiler, '-O3', '-march=native', '-fopenmp-simd', '-std=c++17',
+           '-shared', '-fPIC', '-w', f'-I{include}', str(_SOURCE), '-o', tmp]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode:
+      raise RuntimeError(f'{" ".join(cmd)} failed:\n{result.stderr[-2000:]}')
+    os.replace(tmp, target)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return target
+
+
+def _load() -> Tuple[bool, str]:
+  if os.environ.get('MOV_JAX_CPU_KERNELS', '1') == '0':
+    return False, 'MOV_JAX_CPU_KERNELS=0'
+  compiler = os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++')
+  if not compiler:
+    return False, 'no C++ compiler found (install g++ or set $CXX)'
+  try:
+    import ctypes  # pylint: disable=g-import-not-at-top
+    library = ctypes.cdll.LoadLibrary(str(_compile(compiler)))
+    jax.ffi.register_ffi_target(
+        _FORWARD, jax.ffi.pycapsule(library.MovForward), platform='cpu')
+    jax.ffi.register_ffi_target(
+        _BACKWARD, jax.ffi.pycapsule(library.MovBackward), platform='cpu')
+  except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+    return False, str(e)
+  return True, ''
+
+
+def cpu_kernels_available() -> bool:
+  """Builds and registers the kernels once per process; False if it cannot."""
+  global _status
+  with _lock:
+    if _status is None:
+      _status = _load()
+      if not _status[0]:
+        logging.warning(
+            'mov_jax: fused CPU kernels unavailable (%s); the mixture sites '
+            'run as plain JAX operations, which is slower on CPU.',
+            _status[1])
+    return _status[0]
+
+
+def use_cpu_kernels(dtype, num_experts: int) -> bool:
+  """Whether a site with activations of `dtype` should use the kernels."""
+  return (jax.default_backend() == 'cpu' and jax.device_count() == 1 and
+          jnp.dtype(dtype) == jnp.float32 and
+          1 <= num_experts <= MAX_EXPERTS and cpu_kernels_available())
+
+
+def _require_kernels():
+  if not cpu_kernels_available():
+    raise RuntimeError(f'mov_jax: the fused CPU kernels are unavailable '
+                       f'({_status[1]}); check use_cpu_kernels() first.')
+
+
+def _call_forward(x, w, v):
+  _require_kernels()
+  rows, heads, _ = x.shape
+  stats = jax.ShapeDtypeStruct((rows, heads, w.shape[1]), jnp.float32)
+  return jax.ffi.ffi_call(
+      _FORWARD, (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats),
+      vmap_method='sequential')(x, w, v)
+
+
+@jax.custom_vjp
+def mov_site(x: Array, w: Array, v: Array) -> Tuple[Array, Array, Array]:
+  """One MoV site: `(x * (1 + sum_e p_e (v_e - 1)), logits, p)`.
+
+  x: `[rows, heads, K]` float32 (the tensor that is routed and scaled);
+  w: router kernel `[K, E]`; v: expert vectors `[heads, E, K]`, routed per
+  head with the shared kernel; logits and probabilities `[rows, heads, E]`.
+  """
+  return _call_forward(x, w, v)
+
+
+def _mov_site_fwd(x, w, v):
+  # Symbolic zeros: the perturbed flags are not needed (every input of a
+  # site is differentiated), only the cotangents' below.
+  y, logits, probs = _call_forward(x.value, w.value, v.value)
+  return (y, logits, probs), (x.value, w.value, v.value, probs)
+
+
+def _mov_site_bwd(residuals, cotangents):
+  x, w, v, probs = residuals
+  dy, dlogits, dprobs = cotangents
+  # The logits and probabilities get a cotangent only when router losses or
+  # statistics are differentiated; otherwise the kernel takes an empty
+  # array for them instead of a materialised zero per token.
+  empty = jnp.zeros((0,), jnp.float32)
+  if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+    dy = jnp.zeros(x.shape, jnp.float32)
+  if isinstance(dlogits, jax.custom_derivatives.SymbolicZero):
+    dlogits = empty
+  if isinstance(dprobs, jax.custom_derivatives.SymbolicZero):
+    dprobs = empty
+  shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, w, v))
+  return jax.ffi.ffi_call(_BACKWARD, shapes, vmap_method='sequential')(
+      x, w, v, probs, dy, dlogits, dprobs)
+
+
+mov_site.defvjp(_mov_site_fwd, _mov_site_bwd, symbolic_zeros=True)

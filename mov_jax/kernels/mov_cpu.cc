@@ -1,0 +1,654 @@
+// Fused CPU kernels for one MoV site: router, softmax, mixture and scaling in
+// one pass over the site's activations (forward), and their gradients in one
+// more (backward). XLA's CPU backend runs the same computation as about thirty
+// operations per site, most of them passes over the activations or thin,
+// memory-bound matmuls; see mov_jax/kernels/__init__.py for when these are
+// used and README "Performance" for what they save.
+//
+// Layout: x, y, dx, dy are [rows, heads, K] (an FFN site has heads = 1 and K
+// = mlp; an attention site has K = kv and routes every head separately with a
+// router kernel shared by the heads); router kernel w [K, E]; expert vectors
+// v [heads, E, K]; logits and probabilities [rows, heads, E], E <= 32. The
+// mixture is `1 + sum_e p_e (v_e - 1)`, as the JAX path computes it (exactly
+// 1 where every v_e is 1, so an adapter at initialisation changes nothing).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// ---------------------------------------------------------------- threads
+
+// Runs fn(chunk) for chunk in [0, n_chunks) on the caller and XLA's intra-op
+// threads. Chunks are claimed from a shared counter, so the caller never waits
+// on a task that has not started (two kernels waiting on each other's queued
+// tasks cannot deadlock the pool); a task that starts after every chunk was
+// claimed does nothing, and the state it touches is shared-owned.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n_chunks, const F& fn) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  const F* body = &fn;
+  auto work = [state, n_chunks, body]() {
+    for (int64_t i = state->next.fetch_add(1); i < n_chunks;
+         i = state->next.fetch_add(1)) {
+      (*body)(i);
+      if (state->done.fetch_add(1) + 1 == n_chunks) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  const int64_t helpers =
+      std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 0), n_chunks - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n_chunks; });
+}
+
+// ------------------------------------------------------------------ shapes
+
+// 16 floats: one AVX-512 register (GCC splits it where the CPU has less).
+constexpr int64_t kLanes = 16;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+constexpr int64_t kMaxExperts = 2 * kLanes;
+
+struct Shape {
+  int64_t rows, heads, k, experts;
+  int64_t padded;  // experts rounded up to whole vectors: 16 or 32
+};
+
+ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& x,
+                       const ffi::Buffer<ffi::F32>& w,
+                       const ffi::Buffer<ffi::F32>& v, Shape* shape) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  auto vd = v.dimensions();
+  if (xd.size() != 3 || wd.size() != 2 || vd.size() != 3) {
+    return ffi::Error::InvalidArgument(
+        "mov_cpu: expected x [rows, heads, K], w [K, E], v [heads, E, K]");
+  }
+  *shape = Shape{xd[0], xd[1], xd[2], wd[1], 0};
+  if (wd[0] != shape->k || vd[0] != shape->heads || vd[1] != shape->experts ||
+      vd[2] != shape->k) {
+    return ffi::Error::InvalidArgument("mov_cpu: inconsistent shapes");
+  }
+  if (shape->experts < 1 || shape->experts > kMaxExperts) {
+    return ffi::Error::InvalidArgument("mov_cpu: needs 1 to 32 experts");
+  }
+  shape->padded = shape->experts <= kLanes ? kLanes : kMaxExperts;
+  return ffi::Error::Success();
+}
+
+// Chunks of rows for the threads: a few per thread (for balance), but none
+// so small that scheduling it costs more than it saves.
+int64_t NumChunks(ffi::ThreadPool& pool, const Shape& s) {
+  constexpr int64_t kMinChunkFloats = 16384;
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  const int64_t by_size = s.rows * s.heads * s.k / kMinChunkFloats;
+  return std::max<int64_t>(1, std::min({s.rows, 4 * threads, by_size}));
+}
+
+// ----------------------------------------------------------------- vectors
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
+
+// The first `count` (0..16) floats at p, zeros in the other lanes; and the
+// store of the first `count` lanes. Masked on AVX-512: a row of E < 16 values
+// copied through memory would cost a failed store-to-load forward per row.
+inline Vec LoadFirst(const float* p, int64_t count) {
+#if defined(__AVX512F__)
+  const __m512 v =
+      _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1u), p);
+  Vec r;
+  std::memcpy(&r, &v, sizeof(r));
+  return r;
+#else
+  Vec r = {};
+  for (int64_t i = 0; i < count; ++i) r[i] = p[i];
+  return r;
+#endif
+}
+
+inline void StoreFirst(float* p, Vec v, int64_t count) {
+#if defined(__AVX512F__)
+  __m512 m;
+  std::memcpy(&m, &v, sizeof(m));
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1u), m);
+#else
+  for (int64_t i = 0; i < count; ++i) p[i] = v[i];
+#endif
+}
+
+// Lanes of vector n of an expert row of `experts` values.
+inline int64_t LanesOf(int64_t experts, int64_t n) {
+  return std::clamp<int64_t>(experts - n * kLanes, 0, kLanes);
+}
+
+inline float HorizontalSum(Vec v) {
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3,
+                               4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 8, 9, 10, 11, 12,
+                               13, 14, 15);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                               13, 14, 15);
+  v += __builtin_shufflevector(v, v, 1, 0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                               13, 14, 15);
+  return v[0];
+}
+
+inline Vec Max(Vec a, Vec b) { return a > b ? a : b; }
+
+inline float HorizontalMax(Vec v) {
+  v = Max(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1,
+                                     2, 3, 4, 5, 6, 7));
+  v = Max(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 8, 9, 10,
+                                     11, 12, 13, 14, 15));
+  v = Max(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 4, 5, 6, 7, 8, 9, 10,
+                                     11, 12, 13, 14, 15));
+  v = Max(v, __builtin_shufflevector(v, v, 1, 0, 2, 3, 4, 5, 6, 7, 8, 9, 10,
+                                     11, 12, 13, 14, 15));
+  return v[0];
+}
+
+// exp of every lane: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by the
+// degree-6 minimax polynomial of Cephes' expf (relative error ~1e-7), times
+// 2^n built in the exponent bits. Inputs are clamped to [-87, 88].
+inline Vec Exp(Vec x) {
+  x = x < -87.0f ? Vec{} - 87.0f : x;
+  x = x > 88.0f ? Vec{} + 88.0f : x;
+  // Round to nearest by adding and subtracting 1.5 * 2^23.
+  const Vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const Vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  Vec poly = Vec{} + 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const Vec er = poly * r * r + r + 1.0f;
+  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
+  Vec scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return er * scale;
+}
+
+// Lane indices 0..15 of vector n of a padded expert row.
+inline IVec LaneIndex(int64_t n) {
+  IVec iota;
+  for (int64_t i = 0; i < kLanes; ++i) iota[i] = static_cast<int32_t>(n * kLanes + i);
+  return iota;
+}
+
+// --------------------------------------------------------------- weights
+
+// Rows are processed in tiles of kTile (row, head) pairs of one head, so that
+// each load of a weight vector (router kernel, expert vectors) and each
+// update of a weight-gradient accumulator serves kTile rows: done row by
+// row, those [E, K] arrays stream through the cache once per row, and that
+// traffic, not arithmetic, bounds the kernel.
+constexpr int kTile = 8;
+
+// Dot products of a row with every expert come out one of two ways. Wide
+// sites (K > kNarrow) take the K axis in vectors against a few experts at a
+// time and sum each accumulator's lanes at the end; narrow sites (attention
+// heads) have too few vectors per row for those horizontal sums to pay off
+// and take the experts as lanes instead (weights stored [K, padded]).
+constexpr int64_t kNarrow = 256;
+
+// The call's weights in the layouts the loops read.
+struct Weights {
+  Weights(const Shape& s, const float* w, const float* v)
+      : narrow(s.k <= kNarrow) {
+    vm1.resize(s.heads * s.experts * s.k);
+    for (size_t i = 0; i < vm1.size(); ++i) vm1[i] = v[i] - 1.0f;
+    wt.resize(s.experts * s.k);  // the router kernel transposed: [E, K]
+    for (int64_t kk = 0; kk < s.k; ++kk)
+      for (int64_t e = 0; e < s.experts; ++e)
+        wt[e * s.k + kk] = w[kk * s.experts + e];
+    if (!narrow) return;
+    w_pad.assign(s.k * s.padded, 0.0f);
+    vm1_pad.assign(s.heads * s.k * s.padded, 0.0f);
+    for (int64_t kk = 0; kk < s.k; ++kk)
+      for (int64_t e = 0; e < s.experts; ++e)
+        w_pad[kk * s.padded + e] = w[kk * s.experts + e];
+    for (int64_t h = 0; h < s.heads; ++h)
+      for (int64_t e = 0; e < s.experts; ++e)
+        for (int64_t kk = 0; kk < s.k; ++kk)
+          vm1_pad[(h * s.k + kk) * s.padded + e] =
+              vm1[(h * s.experts + e) * s.k + kk];
+  }
+  bool narrow;
+  std::vector<float> vm1;      // [heads, E, K]: v - 1
+  std::vector<float> wt;       // [E, K]
+  std::vector<float> w_pad;    // narrow: [K, padded]
+  std::vector<float> vm1_pad;  // narrow: [heads, K, padded]
+};
+
+// ------------------------------------------------------------ tile kernels
+
+// Dot products take kDotRows rows at a time against at most kDotExperts
+// experts, in kDotRows * kDotExperts independent accumulators: enough to hide
+// the latency of the multiply-adds, few enough to stay in registers.
+constexpr int kDotRows = 4;
+constexpr int kDotExperts = 5;
+
+// out[t * ld + e] = a_t . w_e for t < kDotRows, e < G; w is [G, k].
+template <int G>
+void DotTileWide(const float* const* a, const float* __restrict w, int64_t k,
+                 float* __restrict out, int64_t ld) {
+  Vec acc[kDotRows][G] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= k; i += kLanes) {
+    Vec av[kDotRows];
+    for (int t = 0; t < kDotRows; ++t) av[t] = Load(a[t] + i);
+    for (int e = 0; e < G; ++e) {
+      const Vec we = Load(w + e * k + i);
+      for (int t = 0; t < kDotRows; ++t) acc[t][e] += av[t] * we;
+    }
+  }
+  for (int t = 0; t < kDotRows; ++t) {
+    for (int e = 0; e < G; ++e) {
+      float total = HorizontalSum(acc[t][e]);
+      for (int64_t j = i; j < k; ++j) total += a[t][j] * w[e * k + j];
+      out[t * ld + e] = total;
+    }
+  }
+}
+
+// out[t * padded + e] = a_t . w_e for the rows of a tile; w is [E, k].
+void DotsWide(const Shape& s, const float* const* a, const float* w,
+              float* out) {
+  const int64_t groups = (s.experts + kDotExperts - 1) / kDotExperts;
+  for (int t0 = 0; t0 < kTile; t0 += kDotRows) {
+    int64_t e = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t size = (s.experts - e + (groups - g) - 1) / (groups - g);
+      const float* we = w + e * s.k;
+      float* o = out + t0 * s.padded + e;
+      switch (size) {
+        case 1: DotTileWide<1>(a + t0, we, s.k, o, s.padded); break;
+        case 2: DotTileWide<2>(a + t0, we, s.k, o, s.padded); break;
+        case 3: DotTileWide<3>(a + t0, we, s.k, o, s.padded); break;
+        case 4: DotTileWide<4>(a + t0, we, s.k, o, s.padded); break;
+        default: DotTileWide<5>(a + t0, we, s.k, o, s.padded); break;
+      }
+      e += size;
+    }
+  }
+}
+
+// out[t * NV * kLanes + e] = a_t . w_e for the rows of a tile, with w_pad
+// [k, NV * kLanes]: the experts are lanes, K the loop.
+template <int NV>
+void DotsNarrow(const float* const* a, const float* __restrict w_pad,
+                int64_t k, float* __restrict out) {
+  Vec acc[kTile][NV] = {};
+  for (int64_t i = 0; i < k; ++i) {
+    Vec w[NV];
+    for (int n = 0; n < NV; ++n) w[n] = Load(w_pad + (i * NV + n) * kLanes);
+    for (int t = 0; t < kTile; ++t) {
+      const float at = a[t][i];
+      for (int n = 0; n < NV; ++n) acc[t][n] += at * w[n];
+    }
+  }
+  for (int t = 0; t < kTile; ++t)
+    for (int n = 0; n < NV; ++n) Store(out + (t * NV + n) * kLanes, acc[t][n]);
+}
+
+// out [kTile, padded] = a_t . w_e, w being the router kernel (head < 0) or
+// head h's expert vectors minus one. Padding lanes come out 0.
+void Dots(const Shape& s, const Weights& wts, int64_t head,
+          const float* const* a, float* out) {
+  if (wts.narrow) {
+    const float* w_pad = head < 0 ? wts.w_pad.data()
+                                  : wts.vm1_pad.data() + head * s.k * s.padded;
+    if (s.padded == kLanes)
+      DotsNarrow<1>(a, w_pad, s.k, out);
+    else
+      DotsNarrow<2>(a, w_pad, s.k, out);
+    return;
+  }
+  DotsWide(s, a, head < 0 ? wts.wt.data() : wts.vm1.data() + head * s.experts * s.k,
+           out);
+}
+
+// acc_e += sum_t coef[t * ld + e] * a_t for e < G and the rows of a tile,
+// G experts side by side (G independent chains of multiply-adds).
+template <int G>
+void AccumulateGroup(const float* const* a, const float* __restrict coef,
+                     int64_t ld, int64_t k, float* __restrict acc) {
+  int64_t i = 0;
+  for (; i + kLanes <= k; i += kLanes) {
+    Vec sum[G];
+    for (int e = 0; e < G; ++e) sum[e] = Load(acc + e * k + i);
+    for (int t = 0; t < kTile; ++t) {
+      const Vec at = Load(a[t] + i);
+      for (int e = 0; e < G; ++e) sum[e] += coef[t * ld + e] * at;
+    }
+    for (int e = 0; e < G; ++e) Store(acc + e * k + i, sum[e]);
+  }
+  for (; i < k; ++i)
+    for (int e = 0; e < G; ++e)
+      for (int t = 0; t < kTile; ++t) acc[e * k + i] += coef[t * ld + e] * a[t][i];
+}
+
+// acc_e += sum_t coef[t, e] * a_t over the rows of a tile; acc is [E, k],
+// coef [kTile, padded].
+void Accumulate(const Shape& s, const float* const* a, const float* coef,
+                float* acc) {
+  const int64_t groups = (s.experts + 7) / 8;
+  int64_t e = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t size = (s.experts - e + (groups - g) - 1) / (groups - g);
+    const float* c = coef + e;
+    float* dst = acc + e * s.k;
+    switch (size) {
+      case 1: AccumulateGroup<1>(a, c, s.padded, s.k, dst); break;
+      case 2: AccumulateGroup<2>(a, c, s.padded, s.k, dst); break;
+      case 3: AccumulateGroup<3>(a, c, s.padded, s.k, dst); break;
+      case 4: AccumulateGroup<4>(a, c, s.padded, s.k, dst); break;
+      case 5: AccumulateGroup<5>(a, c, s.padded, s.k, dst); break;
+      case 6: AccumulateGroup<6>(a, c, s.padded, s.k, dst); break;
+      case 7: AccumulateGroup<7>(a, c, s.padded, s.k, dst); break;
+      default: AccumulateGroup<8>(a, c, s.padded, s.k, dst); break;
+    }
+    e += size;
+  }
+}
+
+// out_t = a_t * (1 + sum_e p[t, e] vm1_e) [+ sum_e q[t, e] wt_e] for the rows
+// of a tile (q = nullptr: no second term); p and q are [kTile, padded].
+void Scale(const Shape& s, const float* const* a, const float* __restrict p,
+           const float* __restrict vm1, const float* __restrict q,
+           const float* __restrict wt, float* const* out) {
+  const int64_t k = s.k, experts = s.experts, ld = s.padded;
+  int64_t i = 0;
+  for (; i + kLanes <= k; i += kLanes) {
+    Vec m[kTile], u[kTile];
+    for (int t = 0; t < kTile; ++t) {
+      m[t] = Vec{} + 1.0f;
+      u[t] = Vec{};
+    }
+    for (int64_t e = 0; e < experts; ++e) {
+      const Vec ve = Load(vm1 + e * k + i);
+      for (int t = 0; t < kTile; ++t) m[t] += p[t * ld + e] * ve;
+      if (q) {
+        const Vec we = Load(wt + e * k + i);
+        for (int t = 0; t < kTile; ++t) u[t] += q[t * ld + e] * we;
+      }
+    }
+    for (int t = 0; t < kTile; ++t) Store(out[t] + i, Load(a[t] + i) * m[t] + u[t]);
+  }
+  for (; i < k; ++i) {
+    for (int t = 0; t < kTile; ++t) {
+      float m = 1.0f, u = 0.0f;
+      for (int64_t e = 0; e < experts; ++e) {
+        m += p[t * ld + e] * vm1[e * k + i];
+        if (q) u += q[t * ld + e] * wt[e * k + i];
+      }
+      out[t][i] = a[t][i] * m + u;
+    }
+  }
+}
+
+// A padded row of `padded` lanes becomes softmax over its first `experts`
+// lanes (0 in the others).
+void Softmax(const Shape& s, float* row) {
+  const int64_t nv = s.padded / kLanes;
+  Vec v[2];
+  float max_logit = -INFINITY;
+  for (int64_t n = 0; n < nv; ++n) {
+    v[n] = Load(row + n * kLanes);
+    v[n] = LaneIndex(n) < static_cast<int32_t>(s.experts) ? v[n] : Vec{} - INFINITY;
+    max_logit = std::max(max_logit, HorizontalMax(v[n]));
+  }
+  float total = 0.0f;
+  for (int64_t n = 0; n < nv; ++n) {
+    v[n] = Exp(v[n] - max_logit);
+    v[n] = LaneIndex(n) < static_cast<int32_t>(s.experts) ? v[n] : Vec{};
+    total += HorizontalSum(v[n]);
+  }
+  const float inv = 1.0f / total;
+  for (int64_t n = 0; n < nv; ++n) Store(row + n * kLanes, v[n] * inv);
+}
+
+// Calls fn(h, first_row, count) for the tiles of one head over rows [begin,
+// end): at most kTile rows each.
+template <typename F>
+void ForEachTile(const Shape& s, int64_t begin, int64_t end, const F& fn) {
+  for (int64_t h = 0; h < s.heads; ++h)
+    for (int64_t r = begin; r < end; r += kTile)
+      fn(h, r, std::min<int64_t>(kTile, end - r));
+}
+
+// Per-chunk buffers. Rows of a tile past its real ones (a partial tile at the
+// end of a chunk) read zeros and write to a discarded buffer.
+struct TileBuffers {
+  TileBuffers(const Shape& s, int64_t rows_k)
+      : zeros(s.k, 0.0f), discard(s.k), rows(rows_k),
+        a(kTile * s.padded, 0.0f), b(kTile * s.padded, 0.0f) {}
+  std::vector<float> zeros, discard, rows, a, b;
+};
+
+// ----------------------------------------------------------------- forward
+
+ffi::Error MovForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> v,
+                          ffi::ResultBuffer<ffi::F32> y,
+                          ffi::ResultBuffer<ffi::F32> logits,
+                          ffi::ResultBuffer<ffi::F32> probs) {
+  Shape s;
+  if (ffi::Error err = CheckShapes(x, w, v, &s); err.failure()) return err;
+  const Weights wts(s, w.typed_data(), v.typed_data());
+  const float* xs = x.typed_data();
+  float* ys = y->typed_data();
+  float* ls = logits->typed_data();
+  float* ps = probs->typed_data();
+  const int64_t n_chunks = NumChunks(pool, s);
+  auto chunk = [&](int64_t c) {
+    TileBuffers buf(s, 0);
+    float* tile_p = buf.a.data();  // logits, then probabilities
+    const float* xr[kTile];
+    float* yr[kTile];
+    ForEachTile(s, s.rows * c / n_chunks, s.rows * (c + 1) / n_chunks,
+                [&](int64_t h, int64_t r0, int64_t count) {
+      for (int t = 0; t < kTile; ++t) {
+        const int64_t row = (r0 + t) * s.heads + h;
+        xr[t] = t < count ? xs + row * s.k : buf.zeros.data();
+        yr[t] = t < count ? ys + row * s.k : buf.discard.data();
+      }
+      Dots(s, wts, -1, xr, tile_p);
+      for (int t = 0; t < count; ++t) {
+        const int64_t row = (r0 + t) * s.heads + h;
+        float* pt = tile_p + t * s.padded;
+        for (int64_t n = 0; n * kLanes < s.padded; ++n)
+          StoreFirst(ls + row * s.experts + n * kLanes, Load(pt + n * kLanes),
+                     LanesOf(s.experts, n));
+        Softmax(s, pt);
+        for (int64_t n = 0; n * kLanes < s.padded; ++n)
+          StoreFirst(ps + row * s.experts + n * kLanes, Load(pt + n * kLanes),
+                     LanesOf(s.experts, n));
+      }
+      Scale(s, xr, tile_p, wts.vm1.data() + h * s.experts * s.k, nullptr,
+            nullptr, yr);
+    });
+  };
+  ParallelFor(pool, n_chunks, chunk);
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------- backward
+
+// Gradients of (y, logits, probs) = forward(x, w, v) for cotangents dy,
+// dlogits and dprobs (the latter two from the router's statistics and
+// auxiliary losses; zeros when those are not part of the loss).
+ffi::Error MovBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> v,
+                           ffi::Buffer<ffi::F32> probs,
+                           ffi::Buffer<ffi::F32> dy,
+                           ffi::Buffer<ffi::F32> dlogits,
+                           ffi::Buffer<ffi::F32> dprobs,
+                           ffi::ResultBuffer<ffi::F32> dx,
+                           ffi::ResultBuffer<ffi::F32> dw,
+                           ffi::ResultBuffer<ffi::F32> dv) {
+  Shape s;
+  if (ffi::Error err = CheckShapes(x, w, v, &s); err.failure()) return err;
+  const Weights wts(s, w.typed_data(), v.typed_data());
+  const float* xs = x.typed_data();
+  const float* ps = probs.typed_data();
+  const float* dys = dy.typed_data();
+  // An empty dlogits or dprobs stands for zeros (nothing differentiates the
+  // router's logits or probabilities directly).
+  const float* dls = dlogits.element_count() ? dlogits.typed_data() : nullptr;
+  const float* dps = dprobs.element_count() ? dprobs.typed_data() : nullptr;
+  if ((dls && dlogits.element_count() != s.rows * s.heads * s.experts) ||
+      (dps && dprobs.element_count() != s.rows * s.heads * s.experts)) {
+    return ffi::Error::InvalidArgument(
+        "mov_cpu: dlogits and dprobs must be [rows, heads, E] or empty");
+  }
+  float* dxs = dx->typed_data();
+  const int64_t n_chunks = NumChunks(pool, s);
+  const int64_t wsize = s.experts * s.k;            // dw, transposed
+  const int64_t vsize = s.heads * s.experts * s.k;  // dv
+  // Every chunk accumulates its own weight gradients; summed below in a fixed
+  // order, so results do not depend on which thread ran which chunk.
+  std::vector<float> partial(n_chunks * (wsize + vsize), 0.0f);
+  auto chunk = [&](int64_t c) {
+    TileBuffers buf(s, kTile * s.k);
+    float* tile_p = buf.a.data();
+    float* tile_dl = buf.b.data();
+    float* dwt = partial.data() + c * (wsize + vsize);
+    float* dvc = dwt + wsize;
+    const float* xr[kTile];
+    const float* dyr[kTile];
+    const float* gr[kTile];
+    float* dxr[kTile];
+    ForEachTile(s, s.rows * c / n_chunks, s.rows * (c + 1) / n_chunks,
+                [&](int64_t h, int64_t r0, int64_t count) {
+      for (int t = 0; t < kTile; ++t) {
+        const int64_t row = (r0 + t) * s.heads + h;
+        const bool real = t < count;
+        xr[t] = real ? xs + row * s.k : buf.zeros.data();
+        dyr[t] = real ? dys + row * s.k : buf.zeros.data();
+        dxr[t] = real ? dxs + row * s.k : buf.discard.data();
+        float* gt = buf.rows.data() + t * s.k;
+        gr[t] = gt;
+        const float* __restrict xt = xr[t];
+        const float* __restrict dyt = dyr[t];
+#pragma omp simd
+        for (int64_t i = 0; i < s.k; ++i) gt[i] = dyt[i] * xt[i];
+        // Padding lanes of tile_p stay 0 (only the first E are written);
+        // the padding rows get zeros.
+        for (int64_t n = 0; n * kLanes < s.padded; ++n)
+          Store(tile_p + t * s.padded + n * kLanes,
+                LoadFirst(ps + row * s.experts + n * kLanes,
+                          real ? LanesOf(s.experts, n) : 0));
+      }
+      // d(mixture)/d(probabilities)_e = (dy * x) . (v_e - 1); then the
+      // softmax's gradient, plus what the statistics send back.
+      Dots(s, wts, h, gr, tile_dl);
+      for (int t = 0; t < kTile; ++t) {
+        float* dl = tile_dl + t * s.padded;
+        const float* p = tile_p + t * s.padded;
+        if (t >= count) {
+          std::fill_n(dl, s.padded, 0.0f);
+          continue;
+        }
+        const int64_t row = (r0 + t) * s.heads + h;
+        Vec d[2], pv[2];
+        float weighted = 0.0f;
+        for (int64_t n = 0; n * kLanes < s.padded; ++n) {
+          const int64_t lanes = LanesOf(s.experts, n);
+          pv[n] = Load(p + n * kLanes);
+          d[n] = Load(dl + n * kLanes);
+          if (dps) d[n] += LoadFirst(dps + row * s.experts + n * kLanes, lanes);
+          weighted += HorizontalSum(pv[n] * d[n]);
+        }
+        for (int64_t n = 0; n * kLanes < s.padded; ++n) {
+          Vec out = pv[n] * (d[n] - weighted);
+          if (dls)
+            out += LoadFirst(dls + row * s.experts + n * kLanes,
+                             LanesOf(s.experts, n));
+          Store(dl + n * kLanes, out);
+        }
+      }
+      // dv_e += sum_t p_te (dy_t * x_t); dw^T_e += sum_t dlogits_te x_t.
+      Accumulate(s, gr, tile_p, dvc + h * s.experts * s.k);
+      Accumulate(s, xr, tile_dl, dwt);
+      // dx = dy * mixture + dlogits @ w^T.
+      Scale(s, dyr, tile_p, wts.vm1.data() + h * s.experts * s.k, tile_dl,
+            wts.wt.data(), dxr);
+    });
+  };
+  ParallelFor(pool, n_chunks, chunk);
+  float* dws = dw->typed_data();
+  float* dvs = dv->typed_data();
+  std::fill(dws, dws + wsize, 0.0f);
+  std::fill(dvs, dvs + vsize, 0.0f);
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const float* dwt = partial.data() + c * (wsize + vsize);
+    const float* dvc = dwt + wsize;
+    for (int64_t e = 0; e < s.experts; ++e)
+      for (int64_t i = 0; i < s.k; ++i)
+        dws[i * s.experts + e] += dwt[e * s.k + i];
+    for (int64_t i = 0; i < vsize; ++i) dvs[i] += dvc[i];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    MovForward, MovForwardImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::F32>>()  // x
+        .Arg<ffi::Buffer<ffi::F32>>()  // w
+        .Arg<ffi::Buffer<ffi::F32>>()  // v
+        .Ret<ffi::Buffer<ffi::F32>>()  // y
+        .Ret<ffi::Buffer<ffi::F32>>()  // logits
+        .Ret<ffi::Buffer<ffi::F32>>());  // probs
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    MovBackward, MovBackwardImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::F32>>()  // x
+        .Arg<ffi::Buffer<ffi::F32>>()  // w
+        .Arg<ffi::Buffer<ffi::F32>>()  // v
+        .Arg<ffi::Buffer<ffi::F32>>()  // probs
+        .Arg<ffi::Buffer<ffi::F32>>()  // dy
+        .Arg<ffi::Buffer<ffi::F32>>()  // dlogits
+        .Arg<ffi::Buffer<ffi::F32>>()  // dprobs
+        .Ret<ffi::Buffer<ffi::F32>>()  // dx
+        .Ret<ffi::Buffer<ffi::F32>>()  // dw
+        .Ret<ffi::Buffer<ffi::F32>>());  // dv

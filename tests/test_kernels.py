@@ -1,0 +1,165 @@
+"""The fused CPU kernel of a MoV site against the same computation in JAX."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mov_jax import kernels
+from mov_jax.adapters import routing
+from mov_jax.adapters import vectors
+
+needs_kernels = pytest.mark.skipif(
+    not kernels.cpu_kernels_available(),
+    reason='the fused CPU kernels could not be built here (see the warning)')
+
+
+def _reference_site(x, w, v):
+  """What `kernels.mov_site` computes, in plain JAX."""
+  logits = jnp.einsum('rhk,ke->rhe', x, w, precision='highest')
+  probs = jax.nn.softmax(logits, axis=-1)
+  mixture = 1.0 + jnp.einsum('rhe,hek->rhk', probs, v - 1.0,
+                             precision='highest')
+  return x * mixture, logits, probs
+
+
+def _site_inputs(rows, heads, k, experts, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(rows, heads, k)).astype(np.float32)
+  w = (rng.normal(size=(k, experts)) * 0.3).astype(np.float32)
+  v = (1.0 + 0.2 * rng.normal(size=(heads, experts, k))).astype(np.float32)
+  return jnp.asarray(x), jnp.asarray(w), jnp.asarray(v)
+
+
+def _assert_close(actual, expected, what):
+  """float32 agreement, relative to the array's scale (sums of many terms
+  in another order)."""
+  expected = np.asarray(expected)
+  scale = float(np.max(np.abs(expected))) if expected.size else 1.0
+  np.testing.assert_allclose(np.asarray(actual), expected, rtol=2e-5,
+                             atol=2e-6 * max(scale, 1.0), err_msg=what)
+
+
+# (rows, heads, K, E): narrow sites (K <= 256: experts as lanes, one or two
+# vectors of them) and wide ones (K > 256), K off a multiple of 16 (the tail
+# loops) and rows off a multiple of the kernel's tile of 8.
+SHAPES = [(37, 1, 100, 10), (19, 3, 24, 30), (21, 1, 300, 7),
+          (9, 2, 272, 17), (64, 4, 16, 1)]
+
+
+@needs_kernels
+@pytest.mark.parametrize('shape', SHAPES)
+def test_forward_and_gradients_match_jax(shape):
+  x, w, v = _site_inputs(*shape)
+  rng = np.random.default_rng(1)
+  dy = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  stats_weights = jnp.asarray(rng.normal(size=shape[:2] + (shape[3],)),
+                              jnp.float32)
+
+  for got, want, name in zip(kernels.mov_site(x, w, v),
+                             _reference_site(x, w, v),
+                             ('y', 'logits', 'probs')):
+    _assert_close(got, want, name)
+
+  def loss(site, with_stats):
+    def fn(x, w, v):
+      y, logits, probs = site(x, w, v)
+      total = jnp.sum(y * dy)
+      if with_stats:  # cotangents for the logits and probabilities too
+        total += jnp.sum(jnp.square(jax.nn.logsumexp(logits, -1)))
+        total += jnp.sum(probs * stats_weights)
+      return total
+    return jax.jit(jax.grad(fn, argnums=(0, 1, 2)))
+
+  for with_stats in (False, True):
+    got = loss(kernels.mov_site, with_stats)(x, w, v)
+    want = loss(_reference_site, with_stats)(x, w, v)
+    for g, r, name in zip(got, want, ('dx', 'dw', 'dv')):
+      _assert_close(g, r, f'{name} (statistics differentiated: {with_stats})')
+
+
+@needs_kernels
+def test_identity_at_initialisation_is_exact():
+  x, w, _ = _site_inputs(50, 2, 40, 10)
+  y, _, _ = kernels.mov_site(x, w, jnp.ones((2, 10, 40), jnp.float32))
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+
+
+@needs_kernels
+def test_vmap_matches_a_loop():
+  x, w, v = _site_inputs(24, 2, 32, 6)
+  stacked = jnp.stack([x, 2.0 * x, -x])
+  batched = jax.vmap(kernels.mov_site, in_axes=(0, None, None))(stacked, w, v)
+  for i in range(3):
+    for got, want in zip(batched, kernels.mov_site(stacked[i], w, v)):
+      np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(want))
+
+
+def _apply_site(per_head, cpu_kernel, experts=10, router=None):
+  router = router or routing.RouterConfig(z_loss_weight=0.01,
+                                          load_balance_weight=0.02)
+  module = vectors.MixtureOfVectors(num_experts=experts, router=router,
+                                    cpu_kernel=cpu_kernel)
+  rng = np.random.default_rng(3)
+  shape = (2, 11, 3, 16) if per_head else (2, 11, 40)
+  axes = (('batch', 'length', 'heads', 'kv') if per_head else
+          ('batch', 'length', 'mlp'))
+  outputs = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  mask = jnp.asarray(np.arange(11)[None, :] < np.array([[11], [7]]),
+                     jnp.float32)
+  kwargs = dict(deterministic=False, mask=mask, input_axes=axes,
+                output_axes=axes)
+  variables = module.init(jax.random.PRNGKey(0), outputs, outputs, **kwargs)
+  params = jax.tree_util.tree_map(
+      lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
+      variables['params'])
+
+  def loss(params, outputs):
+    y, sown = module.apply({'params': params}, outputs, outputs, **kwargs,
+                           mutable=['aux_loss', 'intermediates'])
+    aux = routing.total_aux_loss(sown['aux_loss'])
+    return jnp.sum(jnp.sin(y)) + aux, (y, sown['intermediates'])
+
+  fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+  jaxpr = str(jax.make_jaxpr(fn)(params, outputs))
+  return jax.jit(fn)(params, outputs), jaxpr
+
+
+@needs_kernels
+@pytest.mark.parametrize('per_head', [False, True])
+def test_module_with_kernel_matches_module_without(per_head):
+  """Outputs, router statistics, auxiliary losses and gradients (of the
+  parameters and the activations) agree with the JAX path; the kernel ran."""
+  (got, got_jaxpr) = _apply_site(per_head, cpu_kernel=True)
+  (want, want_jaxpr) = _apply_site(per_head, cpu_kernel=False)
+  assert kernels._FORWARD in got_jaxpr and kernels._BACKWARD in got_jaxpr
+  assert kernels._FORWARD not in want_jaxpr
+  got_leaves, got_tree = jax.tree_util.tree_flatten(got)
+  want_leaves, want_tree = jax.tree_util.tree_flatten(want)
+  assert got_tree == want_tree
+  for g, w in zip(got_leaves, want_leaves):
+    _assert_close(g, w, 'module outputs, statistics or gradients')
+
+
+@needs_kernels
+def test_settings_the_kernel_does_not_cover_use_jax():
+  """More than 32 experts, top-k routing, bfloat16: the JAX path."""
+  _, jaxpr = _apply_site(False, cpu_kernel=True, experts=40)
+  assert kernels._FORWARD not in jaxpr
+  _, jaxpr = _apply_site(False, cpu_kernel=True,
+                         router=routing.RouterConfig(top_k=2))
+  assert kernels._FORWARD not in jaxpr
+  assert not kernels.use_cpu_kernels(jnp.bfloat16, 10)
+
+
+def test_missing_or_failing_compiler_means_no_kernels(monkeypatch, tmp_path):
+  monkeypatch.setenv('MOV_JAX_KERNEL_CACHE', str(tmp_path))
+  monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
+  available, why = kernels._load()
+  assert not available and 'no-such-compiler' in why
+  monkeypatch.setenv('CXX', 'false')  # runs, fails
+  available, why = kernels._load()
+  assert not available and why
+  assert not list(tmp_path.glob('*.so')), 'no library left behind'
+  monkeypatch.setenv('MOV_JAX_CPU_KERNELS', '0')
+  assert kernels._load() == (False, 'MOV_JAX_CPU_KERNELS=0')
