@@ -70,10 +70,21 @@ def step_dots(jaxpr, times: int = 1,
               counts: Optional[collections.Counter] = None
               ) -> collections.Counter:
   """How often each distinct `Dot` runs in `jaxpr` (a `Jaxpr`), sub-jaxprs
-  included: jit, custom gradients, remat; a scan's body `length` times."""
+  included: jit, custom gradients, remat; a scan's body `length` times; a
+  fused MoV kernel as the matmuls of the JAX path it replaces."""
   from jax.extend import core as jax_core  # pylint: disable=g-import-not-at-top
+  from mov_jax import kernels  # pylint: disable=g-import-not-at-top
   counts = collections.Counter() if counts is None else counts
   for eqn in jaxpr.eqns:
+    # A fused CPU kernel of a MoV site counts as the matmuls it replaces.
+    fused = kernels.equivalent_matmuls(
+        eqn.params.get('target_name'),
+        [tuple(v.aval.shape) for v in eqn.invars],
+        [tuple(v.aval.shape) for v in eqn.outvars]) if (
+            eqn.primitive.name == 'ffi_call') else None
+    for lhs, rhs, dimension_numbers in fused or ():
+      counts[Dot(lhs, rhs, 'float32', 'float32', dimension_numbers, None,
+                 None)] += times
     if eqn.primitive.name == 'dot_general':
       lhs, rhs = (v.aval for v in eqn.invars)
       counts[Dot(tuple(lhs.shape), tuple(rhs.shape), str(lhs.dtype),

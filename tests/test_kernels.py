@@ -79,6 +79,26 @@ def test_forward_and_gradients_match_jax(shape):
 
 
 @needs_kernels
+def test_frozen_input_gets_no_input_gradient():
+  """Differentiated only in its weights (a site on a frozen path), the
+  backward kernel skips dx, and the weight gradients still match."""
+  x, w, v = _site_inputs(29, 2, 40, 10)
+  dy = jnp.asarray(np.random.default_rng(2).normal(size=x.shape), jnp.float32)
+
+  def grads(site):
+    fn = lambda w, v: jnp.sum(site(x, w, v)[0] * dy)
+    return jax.grad(fn, argnums=(0, 1))
+
+  for g, r in zip(jax.jit(grads(kernels.mov_site))(w, v),
+                  jax.jit(grads(_reference_site))(w, v)):
+    _assert_close(g, r, 'weight gradients')
+  jaxpr = jax.make_jaxpr(grads(kernels.mov_site))(w, v)
+  backward = [e for e in jaxpr.jaxpr.eqns
+              if e.params.get('target_name') == kernels._BACKWARD]
+  assert [v.aval.shape for v in backward[0].outvars][0] == (0,)
+
+
+@needs_kernels
 def test_identity_at_initialisation_is_exact():
   x, w, _ = _site_inputs(50, 2, 40, 10)
   y, _, _ = kernels.mov_site(x, w, jnp.ones((2, 10, 40), jnp.float32))

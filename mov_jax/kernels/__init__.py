@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -154,18 +154,20 @@ def mov_site(x: Array, w: Array, v: Array) -> Tuple[Array, Array, Array]:
 
 
 def _mov_site_fwd(x, w, v):
-  # Symbolic zeros: the perturbed flags are not needed (every input of a
-  # site is differentiated), only the cotangents' below.
+  # With symbolic zeros, x says whether anything differentiates it: a site
+  # on a frozen path (e.g. the keys of the first layer, computed from the
+  # frozen embeddings) needs no input gradient, as in JAX's own autodiff.
   y, logits, probs = _call_forward(x.value, w.value, v.value)
-  return (y, logits, probs), (x.value, w.value, v.value, probs)
+  return (y, logits, probs), (x.value, w.value, v.value, probs, x.perturbed)
 
 
 def _mov_site_bwd(residuals, cotangents):
-  x, w, v, probs = residuals
+  x, w, v, probs, need_dx = residuals
   dy, dlogits, dprobs = cotangents
   # The logits and probabilities get a cotangent only when router losses or
   # statistics are differentiated; otherwise the kernel takes an empty
-  # array for them instead of a materialised zero per token.
+  # array for them instead of a materialised zero per token. An empty dx
+  # result tells it not to compute the input gradient.
   empty = jnp.zeros((0,), jnp.float32)
   if isinstance(dy, jax.custom_derivatives.SymbolicZero):
     dy = jnp.zeros(x.shape, jnp.float32)
@@ -173,9 +175,48 @@ def _mov_site_bwd(residuals, cotangents):
     dlogits = empty
   if isinstance(dprobs, jax.custom_derivatives.SymbolicZero):
     dprobs = empty
-  shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, w, v))
-  return jax.ffi.ffi_call(_BACKWARD, shapes, vmap_method='sequential')(
+  shapes = tuple(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in (
+      x.shape if need_dx else (0,), w.shape, v.shape))
+  dx, dw, dv = jax.ffi.ffi_call(_BACKWARD, shapes, vmap_method='sequential')(
       x, w, v, probs, dy, dlogits, dprobs)
+  return (dx if need_dx else None), dw, dv
 
 
 mov_site.defvjp(_mov_site_fwd, _mov_site_bwd, symbolic_zeros=True)
+
+
+# (lhs shape, rhs shape, dot_general dimension numbers)
+Matmul = Tuple[Tuple[int, ...], Tuple[int, ...], tuple]
+
+
+def equivalent_matmuls(target_name: str,
+                       operand_shapes: Sequence[Tuple[int, ...]],
+                       result_shapes: Sequence[Tuple[int, ...]]
+                       ) -> Optional[List[Matmul]]:
+  """The matmuls the JAX path of a site runs where a kernel call runs.
+
+  For FLOP accounting (`bench/`): the forward kernel stands for the router
+  (`[R*H, K] x [K, E]`) and the per-head mixture (`[H, R, E] x [H, E, K]`),
+  the backward one for their gradient matmuls (the router's input gradient
+  only where it computes dx), each 2 R H K E FLOPs. None for a target that
+  is not one of these kernels.
+  """
+  if target_name not in (_FORWARD, _BACKWARD):
+    return None
+  rows, heads, k = operand_shapes[0]
+  experts = operand_shapes[1][1]
+  tokens = rows * heads
+  plain = (((1,), (0,)), ((), ()))
+  if target_name == _FORWARD:
+    return [((tokens, k), (k, experts), plain),
+            ((heads, rows, experts), (heads, experts, k),
+             (((2,), (1,)), ((0,), (0,))))]
+  gradients = [((tokens, k), (tokens, experts), (((0,), (0,)), ((), ()))),
+               ((heads, rows, k), (heads, experts, k),
+                (((2,), (2,)), ((0,), (0,)))),
+               ((heads, rows, experts), (heads, rows, k),
+                (((1,), (1,)), ((0,), (0,))))]
+  if tuple(result_shapes[0]) != (0,):  # the router's input gradient
+    gradients.append(((tokens, experts), (k, experts),
+                      (((1,), (1,)), ((), ()))))
+  return gradients

@@ -535,7 +535,11 @@ ffi::Error MovBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument(
         "mov_cpu: dlogits and dprobs must be [rows, heads, E] or empty");
   }
-  float* dxs = dx->typed_data();
+  // An empty dx: the input gradient is not needed (a frozen path).
+  float* dxs = dx->element_count() ? dx->typed_data() : nullptr;
+  if (dxs && dx->element_count() != s.rows * s.heads * s.k) {
+    return ffi::Error::InvalidArgument("mov_cpu: dx must be like x or empty");
+  }
   const int64_t n_chunks = NumChunks(pool, s);
   const int64_t wsize = s.experts * s.k;            // dw, transposed
   const int64_t vsize = s.heads * s.experts * s.k;  // dv
@@ -559,7 +563,7 @@ ffi::Error MovBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         const bool real = t < count;
         xr[t] = real ? xs + row * s.k : buf.zeros.data();
         dyr[t] = real ? dys + row * s.k : buf.zeros.data();
-        dxr[t] = real ? dxs + row * s.k : buf.discard.data();
+        dxr[t] = real && dxs ? dxs + row * s.k : buf.discard.data();
         float* gt = buf.rows.data() + t * s.k;
         gr[t] = gt;
         const float* __restrict xt = xr[t];
@@ -605,8 +609,9 @@ ffi::Error MovBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       Accumulate(s, gr, tile_p, dvc + h * s.experts * s.k);
       Accumulate(s, xr, tile_dl, dwt);
       // dx = dy * mixture + dlogits @ w^T.
-      Scale(s, dyr, tile_p, wts.vm1.data() + h * s.experts * s.k, tile_dl,
-            wts.wt.data(), dxr);
+      if (dxs)
+        Scale(s, dyr, tile_p, wts.vm1.data() + h * s.experts * s.k, tile_dl,
+              wts.wt.data(), dxr);
     });
   };
   ParallelFor(pool, n_chunks, chunk);
