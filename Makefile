@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(TUNED) $(BIN)/python bench/packing.py --overwrite --out=$(BENCH_OUT)/packing.json
 	$(TUNED) $(BIN)/python bench/scaling.py --overwrite --out=$(BENCH_OUT)/scaling.json
 	$(TUNED) $(BIN)/python bench/scoring.py --overwrite --out=$(BENCH_OUT)/scoring.json
+	$(TUNED) $(BIN)/python bench/mov_site.py --overwrite --out=$(BENCH_OUT)/mov_site.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

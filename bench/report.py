@@ -165,12 +165,27 @@ def matmul_floor_section(records) -> str:
                    'floor s', 'GFLOP/s', 'of peak', 'max peak_fraction'])])
 
 
+def mov_site_section(records) -> str:
+  first = records[0]
+  rows = [[r['site'], r['method'], 'yes' if r['fused_kernel'] else 'no',
+           f"{r['min_ms']:.3f}", f"{r['median_ms']:.3f}",
+           f"{r['vs_ia3']:.2f}"] for r in records]
+  return '\n'.join([
+      f"One MoV site, forward and backward, timed alone "
+      f"({', '.join(first['gin_file'])}, batch {first['batch_size']}, "
+      f"{first['input_length']} input / {first['target_length']} target "
+      f"tokens, {first['repeats']} runs; {machine(first)}):", '',
+      table(rows, ['site', 'method', 'fused kernel', 'fastest ms',
+                   'median ms', 'x IA3 (fastest)'])])
+
+
 SECTIONS: Tuple[Tuple[str, Any], ...] = (
     ('train_step.json', train_step_section),
     ('matmul_floor.json', matmul_floor_section),
     ('packing.json', packing_section),
     ('scaling.json', scaling_section),
-    ('scoring.json', scoring_section))
+    ('scoring.json', scoring_section),
+    ('mov_site.json', mov_site_section))
 
 
 def main(argv=None) -> int:

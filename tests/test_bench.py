@@ -484,3 +484,25 @@ def test_scoring_benchmark_agrees_with_tiled_scoring(tmp_path):
   assert set(records) == {'tiled', 'encode_once'}
   assert records['encode_once']['max_abs_diff'] < 1e-3
   assert records['tiled']['speedup'] == pytest.approx(1.0)
+
+
+def test_mov_site_benchmark_times_every_site_three_ways(tmp_path):
+  from mov_jax import kernels  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'mov_site.json'
+  _run('mov_site.py', '--gin_file=models/t5_1_1_tiny.gin', '--experts=4',
+       '--batch_size=2', '--input_length=16', '--target_length=8',
+       '--repeats=1', f'--out={out}')
+  records = json.loads(out.read_text())
+  assert {r['method'] for r in records} == {'ia3', 'mov-4 jax', 'mov-4 fused'}
+  assert len({r['site'] for r in records}) == 4
+  shapes = {r['site']: r['shape'] for r in records}
+  assert shapes['encoder/cross-attention key, value'] == [2, 16, 4, 16]
+  assert shapes['decoder FFN hidden'] == [2, 8, 128]
+  for r in records:
+    assert r['kind'] == 'mov_site' and 0 < r['min_ms'] <= r['median_ms']
+    # Only the fused variant runs the kernel, where it can be built.
+    assert r['fused_kernel'] == (r['method'] == 'mov-4 fused' and
+                                 kernels.cpu_kernels_available())
+  report = _run('report.py', str(tmp_path))
+  assert 'One MoV site, forward and backward' in report
+  assert '| decoder FFN hidden | mov-4 fused |' in report

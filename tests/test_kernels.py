@@ -94,7 +94,7 @@ def test_frozen_input_gets_no_input_gradient():
     _assert_close(g, r, 'weight gradients')
   jaxpr = jax.make_jaxpr(grads(kernels.mov_site))(w, v)
   backward = [e for e in jaxpr.jaxpr.eqns
-              if e.params.get('target_name') == kernels._BACKWARD]
+              if e.params.get('target_name') == kernels.BACKWARD_TARGET]
   assert [v.aval.shape for v in backward[0].outvars][0] == (0,)
 
 
@@ -152,8 +152,8 @@ def test_module_with_kernel_matches_module_without(per_head):
   parameters and the activations) agree with the JAX path; the kernel ran."""
   (got, got_jaxpr) = _apply_site(per_head, cpu_kernel=True)
   (want, want_jaxpr) = _apply_site(per_head, cpu_kernel=False)
-  assert kernels._FORWARD in got_jaxpr and kernels._BACKWARD in got_jaxpr
-  assert kernels._FORWARD not in want_jaxpr
+  assert kernels.FORWARD_TARGET in got_jaxpr and kernels.BACKWARD_TARGET in got_jaxpr
+  assert kernels.FORWARD_TARGET not in want_jaxpr
   got_leaves, got_tree = jax.tree_util.tree_flatten(got)
   want_leaves, want_tree = jax.tree_util.tree_flatten(want)
   assert got_tree == want_tree
@@ -165,10 +165,10 @@ def test_module_with_kernel_matches_module_without(per_head):
 def test_settings_the_kernel_does_not_cover_use_jax():
   """More than 32 experts, top-k routing, bfloat16: the JAX path."""
   _, jaxpr = _apply_site(False, cpu_kernel=True, experts=40)
-  assert kernels._FORWARD not in jaxpr
+  assert kernels.FORWARD_TARGET not in jaxpr
   _, jaxpr = _apply_site(False, cpu_kernel=True,
                          router=routing.RouterConfig(top_k=2))
-  assert kernels._FORWARD not in jaxpr
+  assert kernels.FORWARD_TARGET not in jaxpr
   assert not kernels.use_cpu_kernels(jnp.bfloat16, 10)
 
 

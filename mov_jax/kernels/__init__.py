@@ -32,8 +32,9 @@ import jax.numpy as jnp
 Array = jax.Array
 
 _SOURCE = pathlib.Path(__file__).with_name('mov_cpu.cc')
-_FORWARD = 'mov_jax_mov_forward'
-_BACKWARD = 'mov_jax_mov_backward'
+# The kernels' XLA FFI target names (they appear in jaxprs and HLO).
+FORWARD_TARGET = 'mov_jax_mov_forward'
+BACKWARD_TARGET = 'mov_jax_mov_backward'
 
 # The most experts a kernel routes over (two vectors of 16 lanes).
 MAX_EXPERTS = 32
@@ -98,9 +99,9 @@ def _load() -> Tuple[bool, str]:
     import ctypes  # pylint: disable=g-import-not-at-top
     library = ctypes.cdll.LoadLibrary(str(_compile(compiler)))
     jax.ffi.register_ffi_target(
-        _FORWARD, jax.ffi.pycapsule(library.MovForward), platform='cpu')
+        FORWARD_TARGET, jax.ffi.pycapsule(library.MovForward), platform='cpu')
     jax.ffi.register_ffi_target(
-        _BACKWARD, jax.ffi.pycapsule(library.MovBackward), platform='cpu')
+        BACKWARD_TARGET, jax.ffi.pycapsule(library.MovBackward), platform='cpu')
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     return False, str(e)
   return True, ''
@@ -138,7 +139,7 @@ def _call_forward(x, w, v):
   rows, heads, _ = x.shape
   stats = jax.ShapeDtypeStruct((rows, heads, w.shape[1]), jnp.float32)
   return jax.ffi.ffi_call(
-      _FORWARD, (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats),
+      FORWARD_TARGET, (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats),
       vmap_method='sequential')(x, w, v)
 
 
@@ -177,7 +178,7 @@ def _mov_site_bwd(residuals, cotangents):
     dprobs = empty
   shapes = tuple(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in (
       x.shape if need_dx else (0,), w.shape, v.shape))
-  dx, dw, dv = jax.ffi.ffi_call(_BACKWARD, shapes, vmap_method='sequential')(
+  dx, dw, dv = jax.ffi.ffi_call(BACKWARD_TARGET, shapes, vmap_method='sequential')(
       x, w, v, probs, dy, dlogits, dprobs)
   return (dx if need_dx else None), dw, dv
 
@@ -201,13 +202,13 @@ def equivalent_matmuls(target_name: str,
   only where it computes dx), each 2 R H K E FLOPs. None for a target that
   is not one of these kernels.
   """
-  if target_name not in (_FORWARD, _BACKWARD):
+  if target_name not in (FORWARD_TARGET, BACKWARD_TARGET):
     return None
   rows, heads, k = operand_shapes[0]
   experts = operand_shapes[1][1]
   tokens = rows * heads
   plain = (((1,), (0,)), ((), ()))
-  if target_name == _FORWARD:
+  if target_name == FORWARD_TARGET:
     return [((tokens, k), (k, experts), plain),
             ((heads, rows, experts), (heads, experts, k),
              (((2,), (1,)), ((0,), (0,))))]
