@@ -610,6 +610,22 @@ def add_out_flags(parser) -> None:
                       '(make bench does, for bench/results/latest).')
 
 
+def network_from_gin_flags(parser, args, default_gin_file: str,
+                           bindings: Sequence[str]):
+  """The NETWORK of `--gin_file` (default `default_gin_file`) and
+  `--gin.X` flags, with `bindings` applied first; a usage error naming
+  the problem if the gin files do not give one."""
+  from mov_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  if not args.gin_file:
+    args.gin_file = [default_gin_file]
+  try:
+    gin_utils.setup_from_args(args, extra_bindings=bindings)
+    return gin_utils.macro_value(
+        'NETWORK', f'Pass a model gin file, e.g. --gin_file={default_gin_file}.')
+  except (ValueError, FileNotFoundError) as e:
+    parser.error(str(e))
+
+
 # Checks of the flags, in the parent before anything is measured: a bad
 # value is a usage error (exit 2) naming the flag, not a traceback from a
 # worker after earlier configurations ran.

@@ -97,15 +97,8 @@ def main(argv=None) -> int:
     parser.error(f'--experts={args.experts}: give expert counts, e.g. 10,30.')
   if not experts or min(experts) < 1:
     parser.error(f'--experts={args.experts}: counts must be at least 1.')
-  if not args.gin_file:
-    args.gin_file = [DEFAULT_GIN_FILE]
-  try:
-    gin_utils.setup_from_args(args, extra_bindings=DEFAULT_BINDINGS)
-    network = gin_utils.macro_value(
-        'NETWORK', 'Pass a model gin file, e.g. '
-        f'--gin_file={DEFAULT_GIN_FILE}.')
-  except (ValueError, FileNotFoundError) as e:
-    parser.error(str(e))
+  network = common.network_from_gin_flags(parser, args, DEFAULT_GIN_FILE,
+                                         DEFAULT_BINDINGS)
 
   variants = {'ia3': vectors.MixtureOfVectors(num_experts=1, router=None)}
   for e in experts:

@@ -97,15 +97,8 @@ def main(argv=None) -> int:
   common.check_at_least(parser, args, 2, 'target_length')
   common.check_at_least(parser, args, 0, 'warmup')
   common.check_out(parser, args)
-  if not args.gin_file:
-    args.gin_file = [DEFAULT_GIN_FILE]
-  try:
-    gin_utils.setup_from_args(args, extra_bindings=DEFAULT_BINDINGS)
-    network = gin_utils.macro_value(
-        'NETWORK', 'Pass a model gin file, e.g. '
-        f'--gin_file={DEFAULT_GIN_FILE}.')
-  except (ValueError, FileNotFoundError) as e:
-    parser.error(str(e))
+  network = common.network_from_gin_flags(parser, args, DEFAULT_GIN_FILE,
+                                         DEFAULT_BINDINGS)
 
   data = make_data(args.batch_size, args.num_choices, args.input_length,
                    args.target_length, network.config.vocab_size, args.seed)
