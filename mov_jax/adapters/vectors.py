@@ -80,8 +80,9 @@ class MixtureOfVectors(nn.Module):
 
     router = routing.Router(num_experts=self.num_experts,
                             config=self.router, name='router')
+    # Plain routing (no top-k) also means the probabilities sum to one, the
+    # mixture form the kernel computes.
     if (self.cpu_kernel and self.router_input == ADAPTED and
-        router.probabilities_sum_to_one() and
         router.routes_plainly(deterministic) and
         kernels.use_cpu_kernels(outputs.dtype, self.num_experts)):
       return router(outputs, input_axes=output_axes,
@@ -110,9 +111,9 @@ def _fused_site(x: Array, kernel: Array, *, scaling: Array):
   """`kernels.mov_site` on `[b, l, features]` or `[b, l, heads, kv]`."""
   per_head = x.ndim == 4
   heads = x.shape[2] if per_head else 1
-  vectors_ = scaling if per_head else scaling[None]
+  per_head_scaling = scaling if per_head else scaling[None]
   y, logits, probs = kernels.mov_site(
-      x.reshape(-1, heads, x.shape[-1]), kernel, vectors_)
+      x.reshape(-1, heads, x.shape[-1]), kernel, per_head_scaling)
   stats_shape = x.shape[:-1] + (kernel.shape[-1],)
   return (y.reshape(x.shape), logits.reshape(stats_shape),
           probs.reshape(stats_shape))

@@ -63,9 +63,10 @@ def _compile(compiler: str) -> pathlib.Path:
   include = jax.ffi.include_dir()
   version = subprocess.run([compiler, '--version'], capture_output=True,
                            text=True, check=True).stdout
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  # jaxlib's version stands for the FFI headers compiled against.
   key = hashlib.sha256('\0'.join([
-      _SOURCE.read_text(encoding='utf-8'), jax.__version__,
-      jax.lib.__version__ if hasattr(jax.lib, '__version__') else '',
+      _SOURCE.read_text(encoding='utf-8'), jaxlib.__version__,
       str(pathlib.Path(include).resolve()), version, _cpu_signature()
   ]).encode()).hexdigest()[:16]
   target = cache_dir() / f'mov_cpu_{key}.so'
