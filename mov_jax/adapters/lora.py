@@ -9,9 +9,12 @@ The official code materialises every expert's output `[b, l, E, d_out]`. Here
 all experts' down-projections are one contraction `x A -> [b, l, E, r]`
 (rank E*r), the router probabilities scale those rank activations, and one
 contraction over (expert, rank) with B produces `[b, l, d_out]` directly:
-the same sum, without the E-fold output tensor.
+the same sum, without the E-fold output tensor. Where routing is plain
+(float32, token-level, no top-k or jitter), the router's logits come out of
+the same matmul as the down-projection.
 """
 
+import functools
 from typing import Callable, Optional, Tuple
 
 import jax
@@ -75,17 +78,28 @@ class MixtureOfLoRA(nn.Module):
         jnp.float32, axes=('expert', 'rank', out_axis))
 
     rows = self.num_experts * self.rank
-    # 'bld,der->bler' as one 2-D matmul with a thin weight (rank E*r).
-    hidden = layers.weight_matmul(
-        x.astype(dtype), jnp.asarray(lora_a, dtype).reshape(d_in, rows))
-    hidden = hidden.reshape(batch, length, self.num_experts, self.rank)
+    flat_a = jnp.asarray(lora_a, dtype).reshape(d_in, rows)
+    x = x.astype(dtype)
+    router = None
     if self.router is not None:
       router = routing.Router(num_experts=self.num_experts,
                               config=self.router, name='router')
-      probs = router(
+    if router is not None and self._route_with_down_projection(
+        router, dtype, deterministic):
+      hidden = router(
           x, input_axes=('batch', 'length', in_axis),
-          deterministic=deterministic, mask=mask)
-      hidden = hidden * jnp.asarray(probs, dtype)[..., None]
+          deterministic=deterministic, mask=mask,
+          fused=functools.partial(_down_project_and_route, lora_a=flat_a,
+                                  rank=self.rank))
+    else:
+      # 'bld,der->bler' as one 2-D matmul with a thin weight (rank E*r).
+      hidden = layers.weight_matmul(x, flat_a)
+      hidden = hidden.reshape(batch, length, self.num_experts, self.rank)
+      if router is not None:
+        probs = router(
+            x, input_axes=('batch', 'length', in_axis),
+            deterministic=deterministic, mask=mask)
+        hidden = hidden * jnp.asarray(probs, dtype)[..., None]
     hidden = layers.with_sharding_constraint(
         hidden, ('batch', 'length', 'expert', 'rank'))
     # 'bler,ero->blo' as one 2-D matmul whose weight gradient stays cheap.
@@ -94,3 +108,31 @@ class MixtureOfLoRA(nn.Module):
         jnp.asarray(lora_b, dtype).reshape(rows, d_out))
     delta = delta * jnp.asarray(self.alpha / self.rank, dtype)
     return outputs + delta.reshape(outputs.shape)
+
+  @staticmethod
+  def _route_with_down_projection(router: routing.Router, dtype,
+                                  deterministic: bool) -> bool:
+    """Whether the router's logits can come out of the down-projection's
+    matmul: plain routing, float32 activations (the router computes in
+    float32), and the expert axis not partitioned (the joint weight's
+    columns mix the expert axis with the rank axis)."""
+    return (jnp.dtype(dtype) == jnp.float32 and
+            router.routes_plainly(deterministic) and
+            nn.logical_to_mesh_axes(('expert',))[0] is None)
+
+
+def _down_project_and_route(x: Array, kernel: Array, *, lora_a: Array,
+                            rank: int):
+  """`Router` `fused` callable: the down-projection `x A` and the router
+  logits `x W` as one matmul against `[A | W]` (`[d_in, E*r + E]`): one
+  pass over `x` and one weight-gradient and one input-gradient matmul
+  instead of two each, which is most of MoLoRA's cost over LoRA on small
+  models. Returns the probability-scaled rank activations `[b, l, E, r]`,
+  the logits and the probabilities."""
+  experts = kernel.shape[-1]
+  rows = lora_a.shape[-1]
+  joint = layers.weight_matmul(x, jnp.concatenate([lora_a, kernel], axis=1))
+  hidden, logits = joint[..., :rows], joint[..., rows:]
+  probs = jax.nn.softmax(logits, axis=-1)
+  hidden = hidden.reshape(x.shape[:-1] + (experts, rank)) * probs[..., None]
+  return hidden, logits, probs

@@ -154,9 +154,10 @@ class Router(nn.Module):
 
     `fused(inputs, kernel) -> (result, logits, probs)`, where routing is
     plain (`routes_plainly`), computes the routing together with what
-    consumes it (one kernel for a whole MoV site); the router then sows its
-    statistics from that call's logits and probabilities and returns
-    `result` instead of the probabilities.
+    consumes it (a whole MoV site in one kernel; MoLoRA's down-projection
+    and logits in one matmul); the router then sows its statistics from
+    that call's logits and probabilities and returns `result` instead of
+    the probabilities.
     """
     cfg = self.config
     if self.num_experts < 1:
