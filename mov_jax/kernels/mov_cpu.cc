@@ -441,6 +441,87 @@ void Softmax(const Shape& s, float* row) {
   for (int64_t n = 0; n < nv; ++n) Store(row + n * kLanes, v[n] * inv);
 }
 
+// Softmax of every row of a tile whose expert rows are one vector (E <= 16),
+// stage by stage across the rows: each row's chain of max, exp and sum is
+// mostly latency, and the rows' chains then overlap instead of running one
+// after another (on attention sites with short rows, the per-row softmax
+// took half of the forward pass).
+void SoftmaxTile(const Shape& s, float* tile) {
+  const IVec live = LaneIndex(0) < static_cast<int32_t>(s.experts);
+  Vec v[kTile];
+  float top[kTile], inv[kTile];
+  for (int t = 0; t < kTile; ++t) {
+    v[t] = Load(tile + t * kLanes);
+    v[t] = live ? v[t] : Vec{} - INFINITY;
+  }
+  for (int t = 0; t < kTile; ++t) top[t] = HorizontalMax(v[t]);
+  for (int t = 0; t < kTile; ++t) {
+    v[t] = Exp(v[t] - top[t]);
+    v[t] = live ? v[t] : Vec{};
+  }
+  for (int t = 0; t < kTile; ++t) inv[t] = 1.0f / HorizontalSum(v[t]);
+  for (int t = 0; t < kTile; ++t) Store(tile + t * kLanes, v[t] * inv[t]);
+}
+
+// dl_t <- p_t * (dl_t + dprobs_t - (p_t . (dl_t + dprobs_t))) + dlogits_t:
+// the softmax's gradient, plus what the statistics send back, for the rows
+// of a tile whose expert rows are one vector (E <= 16), stage by stage across
+// the rows as in SoftmaxTile. p is the tile's probabilities (zero rows past
+// `count`, whose gradient then comes out zero); dps and dls (the
+// statistics' cotangents, [rows, heads, E]) may be null.
+void SoftmaxGradientTile(const Shape& s, const float* __restrict p,
+                         const float* dls, const float* dps, int64_t r0,
+                         int64_t h, int64_t count, float* dl) {
+  Vec pv[kTile], d[kTile];
+  float weighted[kTile];
+  for (int t = 0; t < kTile; ++t) {
+    const int64_t row = (r0 + t) * s.heads + h;
+    const int64_t lanes = t < count ? s.experts : 0;
+    pv[t] = Load(p + t * kLanes);
+    d[t] = Load(dl + t * kLanes);
+    if (dps) d[t] += LoadFirst(dps + row * s.experts, lanes);
+  }
+  for (int t = 0; t < kTile; ++t) weighted[t] = HorizontalSum(pv[t] * d[t]);
+  for (int t = 0; t < kTile; ++t) {
+    const int64_t row = (r0 + t) * s.heads + h;
+    Vec out = pv[t] * (d[t] - weighted[t]);
+    if (dls) out += LoadFirst(dls + row * s.experts, t < count ? s.experts : 0);
+    Store(dl + t * kLanes, out);
+  }
+}
+
+// SoftmaxGradientTile for expert rows of two vectors (16 < E <= 32), row
+// by row.
+void SoftmaxGradientRows(const Shape& s, const float* __restrict tile_p,
+                         const float* dls, const float* dps, int64_t r0,
+                         int64_t h, int64_t count, float* tile_dl) {
+  for (int t = 0; t < kTile; ++t) {
+    float* dl = tile_dl + t * s.padded;
+    const float* p = tile_p + t * s.padded;
+    if (t >= count) {
+      std::fill_n(dl, s.padded, 0.0f);
+      continue;
+    }
+    const int64_t row = (r0 + t) * s.heads + h;
+    Vec d[2], pv[2];
+    float weighted = 0.0f;
+    for (int64_t n = 0; n * kLanes < s.padded; ++n) {
+      const int64_t lanes = LanesOf(s.experts, n);
+      pv[n] = Load(p + n * kLanes);
+      d[n] = Load(dl + n * kLanes);
+      if (dps) d[n] += LoadFirst(dps + row * s.experts + n * kLanes, lanes);
+      weighted += HorizontalSum(pv[n] * d[n]);
+    }
+    for (int64_t n = 0; n * kLanes < s.padded; ++n) {
+      Vec out = pv[n] * (d[n] - weighted);
+      if (dls)
+        out += LoadFirst(dls + row * s.experts + n * kLanes,
+                         LanesOf(s.experts, n));
+      Store(dl + n * kLanes, out);
+    }
+  }
+}
+
 // Calls fn(h, first_row, count) for the tiles of one head over rows [begin,
 // end): at most kTile rows each.
 template <typename F>
@@ -487,15 +568,25 @@ ffi::Error MovForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         yr[t] = t < count ? ys + row * s.k : buf.discard.data();
       }
       Dots(s, wts, -1, xr, tile_p);
+      // Logits out, then softmax in place (the padding rows' zero logits
+      // give harmless uniform rows), then probabilities out.
       for (int t = 0; t < count; ++t) {
         const int64_t row = (r0 + t) * s.heads + h;
-        float* pt = tile_p + t * s.padded;
         for (int64_t n = 0; n * kLanes < s.padded; ++n)
-          StoreFirst(ls + row * s.experts + n * kLanes, Load(pt + n * kLanes),
+          StoreFirst(ls + row * s.experts + n * kLanes,
+                     Load(tile_p + t * s.padded + n * kLanes),
                      LanesOf(s.experts, n));
-        Softmax(s, pt);
+      }
+      if (s.padded == kLanes) {
+        SoftmaxTile(s, tile_p);
+      } else {
+        for (int t = 0; t < count; ++t) Softmax(s, tile_p + t * s.padded);
+      }
+      for (int t = 0; t < count; ++t) {
+        const int64_t row = (r0 + t) * s.heads + h;
         for (int64_t n = 0; n * kLanes < s.padded; ++n)
-          StoreFirst(ps + row * s.experts + n * kLanes, Load(pt + n * kLanes),
+          StoreFirst(ps + row * s.experts + n * kLanes,
+                     Load(tile_p + t * s.padded + n * kLanes),
                      LanesOf(s.experts, n));
       }
       Scale(s, xr, tile_p, wts.vm1.data() + h * s.experts * s.k, nullptr,
@@ -580,30 +671,10 @@ ffi::Error MovBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       // d(mixture)/d(probabilities)_e = (dy * x) . (v_e - 1); then the
       // softmax's gradient, plus what the statistics send back.
       Dots(s, wts, h, gr, tile_dl);
-      for (int t = 0; t < kTile; ++t) {
-        float* dl = tile_dl + t * s.padded;
-        const float* p = tile_p + t * s.padded;
-        if (t >= count) {
-          std::fill_n(dl, s.padded, 0.0f);
-          continue;
-        }
-        const int64_t row = (r0 + t) * s.heads + h;
-        Vec d[2], pv[2];
-        float weighted = 0.0f;
-        for (int64_t n = 0; n * kLanes < s.padded; ++n) {
-          const int64_t lanes = LanesOf(s.experts, n);
-          pv[n] = Load(p + n * kLanes);
-          d[n] = Load(dl + n * kLanes);
-          if (dps) d[n] += LoadFirst(dps + row * s.experts + n * kLanes, lanes);
-          weighted += HorizontalSum(pv[n] * d[n]);
-        }
-        for (int64_t n = 0; n * kLanes < s.padded; ++n) {
-          Vec out = pv[n] * (d[n] - weighted);
-          if (dls)
-            out += LoadFirst(dls + row * s.experts + n * kLanes,
-                             LanesOf(s.experts, n));
-          Store(dl + n * kLanes, out);
-        }
+      if (s.padded == kLanes) {
+        SoftmaxGradientTile(s, tile_p, dls, dps, r0, h, count, tile_dl);
+      } else {
+        SoftmaxGradientRows(s, tile_p, dls, dps, r0, h, count, tile_dl);
       }
       // dv_e += sum_t p_te (dy_t * x_t); dw^T_e += sum_t dlogits_te x_t.
       Accumulate(s, gr, tile_p, dvc + h * s.experts * s.k);
