@@ -126,13 +126,34 @@ def _down_project_and_route(x: Array, kernel: Array, *, lora_a: Array,
   """`Router` `fused` callable: the down-projection `x A` and the router
   logits `x W` as one matmul against `[A | W]` (`[d_in, E*r + E]`): one
   pass over `x` and one weight-gradient and one input-gradient matmul
-  instead of two each, which is most of MoLoRA's cost over LoRA on small
-  models. Returns the probability-scaled rank activations `[b, l, E, r]`,
-  the logits and the probabilities."""
+  instead of two each (a T5-small MoLoRA-10 training step 5-9% faster on
+  CPU). Returns the probability-scaled rank activations `[b, l, E, r]`, the
+  logits and the probabilities."""
   experts = kernel.shape[-1]
   rows = lora_a.shape[-1]
   joint = layers.weight_matmul(x, jnp.concatenate([lora_a, kernel], axis=1))
-  hidden, logits = joint[..., :rows], joint[..., rows:]
+  hidden, logits = _split_columns(joint, rows)
   probs = jax.nn.softmax(logits, axis=-1)
   hidden = hidden.reshape(x.shape[:-1] + (experts, rank)) * probs[..., None]
   return hidden, logits, probs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _split_columns(joint: Array, columns: int) -> Tuple[Array, Array]:
+  """`(joint[..., :columns], joint[..., columns:])`, whose gradient is one
+  concatenation of the two cotangents. (Autodiff of two slices pads each
+  cotangent with zeros to the full width and adds the two: two more passes
+  per site, 4% of a tiny model's MoLoRA step on CPU.)"""
+  return joint[..., :columns], joint[..., columns:]
+
+
+def _split_columns_fwd(joint, columns):
+  return _split_columns(joint, columns), None
+
+
+def _split_columns_bwd(columns, _, cotangents):
+  del columns
+  return (jnp.concatenate(cotangents, axis=-1),)
+
+
+_split_columns.defvjp(_split_columns_fwd, _split_columns_bwd)
