@@ -420,105 +420,97 @@ void Scale(const Shape& s, const float* const* a, const float* __restrict p,
   }
 }
 
-// A padded row of `padded` lanes becomes softmax over its first `experts`
-// lanes (0 in the others).
-void Softmax(const Shape& s, float* row) {
-  const int64_t nv = s.padded / kLanes;
-  Vec v[2];
-  float max_logit = -INFINITY;
-  for (int64_t n = 0; n < nv; ++n) {
-    v[n] = Load(row + n * kLanes);
-    v[n] = LaneIndex(n) < static_cast<int32_t>(s.experts) ? v[n] : Vec{} - INFINITY;
-    max_logit = std::max(max_logit, HorizontalMax(v[n]));
+// The rows of a tile ([kTile, padded]) become softmax over their first
+// `experts` lanes (0 in the others), stage by stage across the rows: each
+// row's chain of max, exp and sum is mostly latency, and the rows' chains
+// then overlap instead of running one after another (on attention sites
+// with short rows, a softmax row by row took half of the forward pass).
+// NV: vectors per row (padded / kLanes).
+template <int NV>
+void SoftmaxTileOf(const Shape& s, float* tile) {
+  Vec v[kTile][NV];
+  float top[kTile], inv[kTile];
+  for (int t = 0; t < kTile; ++t)
+    for (int n = 0; n < NV; ++n) {
+      v[t][n] = Load(tile + (t * NV + n) * kLanes);
+      v[t][n] = LaneIndex(n) < static_cast<int32_t>(s.experts)
+                    ? v[t][n] : Vec{} - INFINITY;
+    }
+  for (int t = 0; t < kTile; ++t) {
+    Vec m = v[t][0];
+    for (int n = 1; n < NV; ++n) m = Max(m, v[t][n]);
+    top[t] = HorizontalMax(m);
   }
-  float total = 0.0f;
-  for (int64_t n = 0; n < nv; ++n) {
-    v[n] = Exp(v[n] - max_logit);
-    v[n] = LaneIndex(n) < static_cast<int32_t>(s.experts) ? v[n] : Vec{};
-    total += HorizontalSum(v[n]);
+  for (int t = 0; t < kTile; ++t)
+    for (int n = 0; n < NV; ++n) {
+      v[t][n] = Exp(v[t][n] - top[t]);
+      v[t][n] = LaneIndex(n) < static_cast<int32_t>(s.experts) ? v[t][n] : Vec{};
+    }
+  for (int t = 0; t < kTile; ++t) {
+    Vec total = v[t][0];
+    for (int n = 1; n < NV; ++n) total += v[t][n];
+    inv[t] = 1.0f / HorizontalSum(total);
   }
-  const float inv = 1.0f / total;
-  for (int64_t n = 0; n < nv; ++n) Store(row + n * kLanes, v[n] * inv);
+  for (int t = 0; t < kTile; ++t)
+    for (int n = 0; n < NV; ++n)
+      Store(tile + (t * NV + n) * kLanes, v[t][n] * inv[t]);
 }
 
-// Softmax of every row of a tile whose expert rows are one vector (E <= 16),
-// stage by stage across the rows: each row's chain of max, exp and sum is
-// mostly latency, and the rows' chains then overlap instead of running one
-// after another (on attention sites with short rows, the per-row softmax
-// took half of the forward pass).
 void SoftmaxTile(const Shape& s, float* tile) {
-  const IVec live = LaneIndex(0) < static_cast<int32_t>(s.experts);
-  Vec v[kTile];
-  float top[kTile], inv[kTile];
-  for (int t = 0; t < kTile; ++t) {
-    v[t] = Load(tile + t * kLanes);
-    v[t] = live ? v[t] : Vec{} - INFINITY;
+  if (s.padded == kLanes) {
+    SoftmaxTileOf<1>(s, tile);
+  } else {
+    SoftmaxTileOf<2>(s, tile);
   }
-  for (int t = 0; t < kTile; ++t) top[t] = HorizontalMax(v[t]);
-  for (int t = 0; t < kTile; ++t) {
-    v[t] = Exp(v[t] - top[t]);
-    v[t] = live ? v[t] : Vec{};
-  }
-  for (int t = 0; t < kTile; ++t) inv[t] = 1.0f / HorizontalSum(v[t]);
-  for (int t = 0; t < kTile; ++t) Store(tile + t * kLanes, v[t] * inv[t]);
 }
 
 // dl_t <- p_t * (dl_t + dprobs_t - (p_t . (dl_t + dprobs_t))) + dlogits_t:
 // the softmax's gradient, plus what the statistics send back, for the rows
-// of a tile whose expert rows are one vector (E <= 16), stage by stage across
-// the rows as in SoftmaxTile. p is the tile's probabilities (zero rows past
-// `count`, whose gradient then comes out zero); dps and dls (the
-// statistics' cotangents, [rows, heads, E]) may be null.
-void SoftmaxGradientTile(const Shape& s, const float* __restrict p,
-                         const float* dls, const float* dps, int64_t r0,
-                         int64_t h, int64_t count, float* dl) {
-  Vec pv[kTile], d[kTile];
+// of a tile ([kTile, padded]), stage by stage across the rows as in
+// SoftmaxTile. p is the tile's probabilities (zero rows past `count`, whose
+// gradient then comes out zero); dps and dls (the statistics' cotangents,
+// [rows, heads, E]) may be null.
+template <int NV>
+void SoftmaxGradientTileOf(const Shape& s, const float* __restrict p,
+                           const float* dls, const float* dps, int64_t r0,
+                           int64_t h, int64_t count, float* dl) {
+  Vec pv[kTile][NV], d[kTile][NV];
   float weighted[kTile];
   for (int t = 0; t < kTile; ++t) {
     const int64_t row = (r0 + t) * s.heads + h;
-    const int64_t lanes = t < count ? s.experts : 0;
-    pv[t] = Load(p + t * kLanes);
-    d[t] = Load(dl + t * kLanes);
-    if (dps) d[t] += LoadFirst(dps + row * s.experts, lanes);
+    const float* dp = dps ? dps + row * s.experts : nullptr;
+    for (int n = 0; n < NV; ++n) {
+      pv[t][n] = Load(p + (t * NV + n) * kLanes);
+      d[t][n] = Load(dl + (t * NV + n) * kLanes);
+      if (dp)
+        d[t][n] += LoadFirst(dp + n * kLanes,
+                             t < count ? LanesOf(s.experts, n) : 0);
+    }
   }
-  for (int t = 0; t < kTile; ++t) weighted[t] = HorizontalSum(pv[t] * d[t]);
+  for (int t = 0; t < kTile; ++t) {
+    Vec pd = pv[t][0] * d[t][0];
+    for (int n = 1; n < NV; ++n) pd += pv[t][n] * d[t][n];
+    weighted[t] = HorizontalSum(pd);
+  }
   for (int t = 0; t < kTile; ++t) {
     const int64_t row = (r0 + t) * s.heads + h;
-    Vec out = pv[t] * (d[t] - weighted[t]);
-    if (dls) out += LoadFirst(dls + row * s.experts, t < count ? s.experts : 0);
-    Store(dl + t * kLanes, out);
+    const float* dg = dls ? dls + row * s.experts : nullptr;
+    for (int n = 0; n < NV; ++n) {
+      Vec out = pv[t][n] * (d[t][n] - weighted[t]);
+      if (dg)
+        out += LoadFirst(dg + n * kLanes, t < count ? LanesOf(s.experts, n) : 0);
+      Store(dl + (t * NV + n) * kLanes, out);
+    }
   }
 }
 
-// SoftmaxGradientTile for expert rows of two vectors (16 < E <= 32), row
-// by row.
-void SoftmaxGradientRows(const Shape& s, const float* __restrict tile_p,
-                         const float* dls, const float* dps, int64_t r0,
-                         int64_t h, int64_t count, float* tile_dl) {
-  for (int t = 0; t < kTile; ++t) {
-    float* dl = tile_dl + t * s.padded;
-    const float* p = tile_p + t * s.padded;
-    if (t >= count) {
-      std::fill_n(dl, s.padded, 0.0f);
-      continue;
-    }
-    const int64_t row = (r0 + t) * s.heads + h;
-    Vec d[2], pv[2];
-    float weighted = 0.0f;
-    for (int64_t n = 0; n * kLanes < s.padded; ++n) {
-      const int64_t lanes = LanesOf(s.experts, n);
-      pv[n] = Load(p + n * kLanes);
-      d[n] = Load(dl + n * kLanes);
-      if (dps) d[n] += LoadFirst(dps + row * s.experts + n * kLanes, lanes);
-      weighted += HorizontalSum(pv[n] * d[n]);
-    }
-    for (int64_t n = 0; n * kLanes < s.padded; ++n) {
-      Vec out = pv[n] * (d[n] - weighted);
-      if (dls)
-        out += LoadFirst(dls + row * s.experts + n * kLanes,
-                         LanesOf(s.experts, n));
-      Store(dl + n * kLanes, out);
-    }
+void SoftmaxGradientTile(const Shape& s, const float* p, const float* dls,
+                         const float* dps, int64_t r0, int64_t h,
+                         int64_t count, float* dl) {
+  if (s.padded == kLanes) {
+    SoftmaxGradientTileOf<1>(s, p, dls, dps, r0, h, count, dl);
+  } else {
+    SoftmaxGradientTileOf<2>(s, p, dls, dps, r0, h, count, dl);
   }
 }
 
@@ -577,11 +569,7 @@ ffi::Error MovForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                      Load(tile_p + t * s.padded + n * kLanes),
                      LanesOf(s.experts, n));
       }
-      if (s.padded == kLanes) {
-        SoftmaxTile(s, tile_p);
-      } else {
-        for (int t = 0; t < count; ++t) Softmax(s, tile_p + t * s.padded);
-      }
+      SoftmaxTile(s, tile_p);
       for (int t = 0; t < count; ++t) {
         const int64_t row = (r0 + t) * s.heads + h;
         for (int64_t n = 0; n * kLanes < s.padded; ++n)
@@ -671,11 +659,7 @@ ffi::Error MovBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       // d(mixture)/d(probabilities)_e = (dy * x) . (v_e - 1); then the
       // softmax's gradient, plus what the statistics send back.
       Dots(s, wts, h, gr, tile_dl);
-      if (s.padded == kLanes) {
-        SoftmaxGradientTile(s, tile_p, dls, dps, r0, h, count, tile_dl);
-      } else {
-        SoftmaxGradientRows(s, tile_p, dls, dps, r0, h, count, tile_dl);
-      }
+      SoftmaxGradientTile(s, tile_p, dls, dps, r0, h, count, tile_dl);
       // dv_e += sum_t p_te (dy_t * x_t); dw^T_e += sum_t dlogits_te x_t.
       Accumulate(s, gr, tile_p, dvc + h * s.experts * s.k);
       Accumulate(s, xr, tile_dl, dwt);
