@@ -79,7 +79,6 @@ class MixtureOfLoRA(nn.Module):
 
     rows = self.num_experts * self.rank
     flat_a = jnp.asarray(lora_a, dtype).reshape(d_in, rows)
-    x = x.astype(dtype)
     router = None
     if self.router is not None:
       router = routing.Router(num_experts=self.num_experts,
@@ -93,7 +92,7 @@ class MixtureOfLoRA(nn.Module):
                                   rank=self.rank))
     else:
       # 'bld,der->bler' as one 2-D matmul with a thin weight (rank E*r).
-      hidden = layers.weight_matmul(x, flat_a)
+      hidden = layers.weight_matmul(x.astype(dtype), flat_a)
       hidden = hidden.reshape(batch, length, self.num_experts, self.rank)
       if router is not None:
         probs = router(
