@@ -40,11 +40,12 @@ def _assert_close(actual, expected, what):
                              atol=2e-6 * max(scale, 1.0), err_msg=what)
 
 
-# (rows, heads, K, E): narrow sites (K <= 256: experts as lanes, one or two
-# vectors of them) and wide ones (K > 256), K off a multiple of 16 (the tail
-# loops) and rows off a multiple of the kernel's tile of 8.
+# (rows, heads, K, E): narrow sites (K <= 256: experts as lanes) and wide
+# ones (K > 256), expert rows of one to four vectors (16 lanes with AVX-512,
+# else 8), E = 32 (the most), K off a multiple of 8 or 16 (the tail loops)
+# and rows off a multiple of the kernel's tile of 8.
 SHAPES = [(37, 1, 100, 10), (19, 3, 24, 30), (21, 1, 300, 7),
-          (9, 2, 272, 17), (64, 4, 16, 1)]
+          (9, 2, 272, 17), (64, 4, 16, 1), (13, 2, 36, 20), (11, 1, 516, 32)]
 
 
 @needs_kernels

@@ -36,7 +36,7 @@ _SOURCE = pathlib.Path(__file__).with_name('mov_cpu.cc')
 FORWARD_TARGET = 'mov_jax_mov_forward'
 BACKWARD_TARGET = 'mov_jax_mov_backward'
 
-# The most experts a kernel routes over (two vectors of 16 lanes).
+# The most experts a kernel routes over (a row of logits: 2 to 4 vectors).
 MAX_EXPERTS = 32
 
 _lock = threading.Lock()

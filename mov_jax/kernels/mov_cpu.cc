@@ -22,7 +22,9 @@
 #include <mutex>
 #include <vector>
 
-#if defined(__AVX512F__)
+#include <type_traits>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -69,16 +71,31 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n_chunks, const F& fn) {
 
 // ------------------------------------------------------------------ shapes
 
-// 16 floats: one AVX-512 register (GCC splits it where the CPU has less).
+// A vector is one register's worth of floats: 16 with AVX-512, else 8 (an
+// AVX2 register; two on 128-bit SIMD). kVecRegisters: how many such vectors
+// the register file holds, which sizes the loops' sets of accumulators below.
+// (A 16-float vector on AVX2 made GCC emulate it through the stack: spills
+// and lane-by-lane copies, the kernel then 2-4x slower than XLA's ops.)
+#if defined(__AVX512F__)
 constexpr int64_t kLanes = 16;
+constexpr int kVecRegisters = 32;
+#elif defined(__AVX__) || defined(__aarch64__)
+constexpr int64_t kLanes = 8;
+constexpr int kVecRegisters = 16;
+#else
+constexpr int64_t kLanes = 8;
+constexpr int kVecRegisters = 8;
+#endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
-constexpr int64_t kMaxExperts = 2 * kLanes;
+constexpr int64_t kMaxExperts = 32;
+// Vectors per padded expert row, at most.
+constexpr int kMaxRowVectors = kMaxExperts / kLanes;
 
 struct Shape {
   int64_t rows, heads, k, experts;
-  int64_t padded;  // experts rounded up to whole vectors: 16 or 32
+  int64_t padded;  // experts rounded up to whole vectors
 };
 
 ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& x,
@@ -99,7 +116,7 @@ ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& x,
   if (shape->experts < 1 || shape->experts > kMaxExperts) {
     return ffi::Error::InvalidArgument("mov_cpu: needs 1 to 32 experts");
   }
-  shape->padded = shape->experts <= kLanes ? kLanes : kMaxExperts;
+  shape->padded = (shape->experts + kLanes - 1) / kLanes * kLanes;
   return ffi::Error::Success();
 }
 
@@ -121,13 +138,27 @@ inline Vec Load(const float* p) {
 }
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 
-// The first `count` (0..16) floats at p, zeros in the other lanes; and the
-// store of the first `count` lanes. Masked on AVX-512: a row of E < 16 values
-// copied through memory would cost a failed store-to-load forward per row.
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// AVX2's lane mask for the first `count` lanes.
+inline __m256i FirstLanes(int64_t count) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
+
+// The first `count` (0..kLanes) floats at p, zeros in the other lanes; and
+// the store of the first `count` lanes. Masked where the CPU can: a row of
+// E < kLanes values copied through memory would cost a failed store-to-load
+// forward per row.
 inline Vec LoadFirst(const float* p, int64_t count) {
 #if defined(__AVX512F__)
   const __m512 v =
       _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1u), p);
+  Vec r;
+  std::memcpy(&r, &v, sizeof(r));
+  return r;
+#elif defined(__AVX2__)
+  const __m256 v = _mm256_maskload_ps(p, FirstLanes(count));
   Vec r;
   std::memcpy(&r, &v, sizeof(r));
   return r;
@@ -143,6 +174,10 @@ inline void StoreFirst(float* p, Vec v, int64_t count) {
   __m512 m;
   std::memcpy(&m, &v, sizeof(m));
   _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1u), m);
+#elif defined(__AVX2__)
+  __m256 m;
+  std::memcpy(&m, &v, sizeof(m));
+  _mm256_maskstore_ps(p, FirstLanes(count), m);
 #else
   for (int64_t i = 0; i < count; ++i) p[i] = v[i];
 #endif
@@ -153,6 +188,10 @@ inline int64_t LanesOf(int64_t experts, int64_t n) {
   return std::clamp<int64_t>(experts - n * kLanes, 0, kLanes);
 }
 
+inline Vec Max(Vec a, Vec b) { return a > b ? a : b; }
+
+// Sum and max of a vector's lanes, by halves.
+#if defined(__AVX512F__)
 inline float HorizontalSum(Vec v) {
   v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3,
                                4, 5, 6, 7);
@@ -165,8 +204,6 @@ inline float HorizontalSum(Vec v) {
   return v[0];
 }
 
-inline Vec Max(Vec a, Vec b) { return a > b ? a : b; }
-
 inline float HorizontalMax(Vec v) {
   v = Max(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1,
                                      2, 3, 4, 5, 6, 7));
@@ -178,6 +215,21 @@ inline float HorizontalMax(Vec v) {
                                      11, 12, 13, 14, 15));
   return v[0];
 }
+#else
+inline float HorizontalSum(Vec v) {
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 1, 0, 2, 3, 4, 5, 6, 7);
+  return v[0];
+}
+
+inline float HorizontalMax(Vec v) {
+  v = Max(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+  v = Max(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 4, 5, 6, 7));
+  v = Max(v, __builtin_shufflevector(v, v, 1, 0, 2, 3, 4, 5, 6, 7));
+  return v[0];
+}
+#endif
 
 // exp of every lane: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by the
 // degree-6 minimax polynomial of Cephes' expf (relative error ~1e-7), times
@@ -216,6 +268,31 @@ inline IVec LaneIndex(int64_t n) {
 // row, those [E, K] arrays stream through the cache once per row, and that
 // traffic, not arithmetic, bounds the kernel.
 constexpr int kTile = 8;
+
+// The loops below keep a few vectors per row of a tile in registers. They
+// take the tile's rows in passes of PassRows(per_row, reserved) rows: the
+// most (a power of two, up to kTile) whose `per_row` vectors each, plus
+// `reserved` vectors of weights and temporaries, fit in the vector registers
+// (spilled accumulators cost a store and a load per multiply-add).
+constexpr int PassRows(int per_row, int reserved) {
+  int rows = kTile;
+  while (rows > 1 && rows * per_row + reserved > kVecRegisters) rows /= 2;
+  return rows;
+}
+
+// Calls fn(std::integral_constant<int, NV>()) for NV = vectors per padded
+// expert row, so that the loops over a row's vectors are unrolled.
+template <typename F>
+void WithRowVectors(const Shape& s, const F& fn) {
+  switch (s.padded / kLanes) {
+    case 1: return fn(std::integral_constant<int, 1>());
+    case 2: return fn(std::integral_constant<int, 2>());
+  }
+  if constexpr (kMaxRowVectors > 2) {
+    if (s.padded / kLanes == 3) return fn(std::integral_constant<int, 3>());
+    return fn(std::integral_constant<int, 4>());
+  }
+}
 
 // Dot products of a row with every expert come out one of two ways. Wide
 // sites (K > kNarrow) take the K axis in vectors against a few experts at a
@@ -257,9 +334,11 @@ struct Weights {
 
 // Dot products take kDotRows rows at a time against at most kDotExperts
 // experts, in kDotRows * kDotExperts independent accumulators: enough to hide
-// the latency of the multiply-adds, few enough to stay in registers.
-constexpr int kDotRows = 4;
-constexpr int kDotExperts = 5;
+// the latency of the multiply-adds, few enough to stay in registers (with
+// the rows' vectors and one of weights).
+constexpr int kDotRows = kVecRegisters >= 16 ? 4 : 2;
+constexpr int kDotExperts = kVecRegisters >= 32 ? 5 : 2;
+static_assert(kDotRows * kDotExperts + kDotRows + 1 <= kVecRegisters);
 
 // out[t * ld + e] = a_t . w_e for t < kDotRows, e < G; w is [G, k].
 template <int G>
@@ -311,17 +390,21 @@ void DotsWide(const Shape& s, const float* const* a, const float* w,
 template <int NV>
 void DotsNarrow(const float* const* a, const float* __restrict w_pad,
                 int64_t k, float* __restrict out) {
-  Vec acc[kTile][NV] = {};
-  for (int64_t i = 0; i < k; ++i) {
-    Vec w[NV];
-    for (int n = 0; n < NV; ++n) w[n] = Load(w_pad + (i * NV + n) * kLanes);
-    for (int t = 0; t < kTile; ++t) {
-      const float at = a[t][i];
-      for (int n = 0; n < NV; ++n) acc[t][n] += at * w[n];
+  constexpr int R = PassRows(NV, NV + 1);
+  for (int t0 = 0; t0 < kTile; t0 += R) {
+    Vec acc[R][NV] = {};
+    for (int64_t i = 0; i < k; ++i) {
+      Vec w[NV];
+      for (int n = 0; n < NV; ++n) w[n] = Load(w_pad + (i * NV + n) * kLanes);
+      for (int t = 0; t < R; ++t) {
+        const float at = a[t0 + t][i];
+        for (int n = 0; n < NV; ++n) acc[t][n] += at * w[n];
+      }
     }
+    for (int t = 0; t < R; ++t)
+      for (int n = 0; n < NV; ++n)
+        Store(out + ((t0 + t) * NV + n) * kLanes, acc[t][n]);
   }
-  for (int t = 0; t < kTile; ++t)
-    for (int n = 0; n < NV; ++n) Store(out + (t * NV + n) * kLanes, acc[t][n]);
 }
 
 // out [kTile, padded] = a_t . w_e, w being the router kernel (head < 0) or
@@ -331,10 +414,7 @@ void Dots(const Shape& s, const Weights& wts, int64_t head,
   if (wts.narrow) {
     const float* w_pad = head < 0 ? wts.w_pad.data()
                                   : wts.vm1_pad.data() + head * s.k * s.padded;
-    if (s.padded == kLanes)
-      DotsNarrow<1>(a, w_pad, s.k, out);
-    else
-      DotsNarrow<2>(a, w_pad, s.k, out);
+    WithRowVectors(s, [&](auto nv) { DotsNarrow<nv()>(a, w_pad, s.k, out); });
     return;
   }
   DotsWide(s, a, head < 0 ? wts.wt.data() : wts.vm1.data() + head * s.experts * s.k,
@@ -362,10 +442,14 @@ void AccumulateGroup(const float* const* a, const float* __restrict coef,
 }
 
 // acc_e += sum_t coef[t, e] * a_t over the rows of a tile; acc is [E, k],
-// coef [kTile, padded].
+// coef [kTile, padded]. Groups of up to kAccumulateExperts experts: their
+// accumulators, a row's vector and a broadcast coefficient in registers.
+constexpr int kAccumulateExperts = std::min(8, kVecRegisters - 2);
+
 void Accumulate(const Shape& s, const float* const* a, const float* coef,
                 float* acc) {
-  const int64_t groups = (s.experts + 7) / 8;
+  const int64_t groups =
+      (s.experts + kAccumulateExperts - 1) / kAccumulateExperts;
   int64_t e = 0;
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t size = (s.experts - e + (groups - g) - 1) / (groups - g);
@@ -386,38 +470,53 @@ void Accumulate(const Shape& s, const float* const* a, const float* coef,
 }
 
 // out_t = a_t * (1 + sum_e p[t, e] vm1_e) [+ sum_e q[t, e] wt_e] for the rows
-// of a tile (q = nullptr: no second term); p and q are [kTile, padded].
-void Scale(const Shape& s, const float* const* a, const float* __restrict p,
-           const float* __restrict vm1, const float* __restrict q,
-           const float* __restrict wt, float* const* out) {
+// of a tile (kSecondTerm: with the second term); p and q are [kTile, padded].
+template <bool kSecondTerm>
+void ScaleTile(const Shape& s, const float* const* a, const float* __restrict p,
+               const float* __restrict vm1, const float* __restrict q,
+               const float* __restrict wt, float* const* out) {
+  constexpr int R = PassRows(kSecondTerm ? 2 : 1, kSecondTerm ? 4 : 3);
   const int64_t k = s.k, experts = s.experts, ld = s.padded;
   int64_t i = 0;
   for (; i + kLanes <= k; i += kLanes) {
-    Vec m[kTile], u[kTile];
-    for (int t = 0; t < kTile; ++t) {
-      m[t] = Vec{} + 1.0f;
-      u[t] = Vec{};
-    }
-    for (int64_t e = 0; e < experts; ++e) {
-      const Vec ve = Load(vm1 + e * k + i);
-      for (int t = 0; t < kTile; ++t) m[t] += p[t * ld + e] * ve;
-      if (q) {
-        const Vec we = Load(wt + e * k + i);
-        for (int t = 0; t < kTile; ++t) u[t] += q[t * ld + e] * we;
+    for (int t0 = 0; t0 < kTile; t0 += R) {
+      Vec m[R], u[R];
+      for (int t = 0; t < R; ++t) {
+        m[t] = Vec{} + 1.0f;
+        u[t] = Vec{};
       }
+      for (int64_t e = 0; e < experts; ++e) {
+        const Vec ve = Load(vm1 + e * k + i);
+        for (int t = 0; t < R; ++t) m[t] += p[(t0 + t) * ld + e] * ve;
+        if constexpr (kSecondTerm) {
+          const Vec we = Load(wt + e * k + i);
+          for (int t = 0; t < R; ++t) u[t] += q[(t0 + t) * ld + e] * we;
+        }
+      }
+      for (int t = 0; t < R; ++t)
+        Store(out[t0 + t] + i, Load(a[t0 + t] + i) * m[t] + u[t]);
     }
-    for (int t = 0; t < kTile; ++t) Store(out[t] + i, Load(a[t] + i) * m[t] + u[t]);
   }
   for (; i < k; ++i) {
     for (int t = 0; t < kTile; ++t) {
       float m = 1.0f, u = 0.0f;
       for (int64_t e = 0; e < experts; ++e) {
         m += p[t * ld + e] * vm1[e * k + i];
-        if (q) u += q[t * ld + e] * wt[e * k + i];
+        if constexpr (kSecondTerm) u += q[t * ld + e] * wt[e * k + i];
       }
       out[t][i] = a[t][i] * m + u;
     }
   }
+}
+
+// ScaleTile; q = nullptr: no second term.
+void Scale(const Shape& s, const float* const* a, const float* p,
+           const float* vm1, const float* q, const float* wt,
+           float* const* out) {
+  if (q)
+    ScaleTile<true>(s, a, p, vm1, q, wt, out);
+  else
+    ScaleTile<false>(s, a, p, vm1, q, wt, out);
 }
 
 // The rows of a tile ([kTile, padded]) become softmax over their first
@@ -425,81 +524,86 @@ void Scale(const Shape& s, const float* const* a, const float* __restrict p,
 // row's chain of max, exp and sum is mostly latency, and the rows' chains
 // then overlap instead of running one after another (on attention sites
 // with short rows, a softmax row by row took half of the forward pass).
-// NV: vectors per row (padded / kLanes).
+// NV: vectors per row (padded / kLanes); rows in passes of R (the row's
+// vectors plus those Exp works in must stay in registers).
 template <int NV>
 void SoftmaxTileOf(const Shape& s, float* tile) {
-  Vec v[kTile][NV];
-  float top[kTile], inv[kTile];
-  for (int t = 0; t < kTile; ++t)
-    for (int n = 0; n < NV; ++n) {
-      v[t][n] = Load(tile + (t * NV + n) * kLanes);
-      v[t][n] = LaneIndex(n) < static_cast<int32_t>(s.experts)
-                    ? v[t][n] : Vec{} - INFINITY;
+  constexpr int R = PassRows(NV, 6);
+  for (int t0 = 0; t0 < kTile; t0 += R) {
+    float* rows = tile + t0 * NV * kLanes;
+    Vec v[R][NV];
+    float top[R], inv[R];
+    for (int t = 0; t < R; ++t)
+      for (int n = 0; n < NV; ++n) {
+        v[t][n] = Load(rows + (t * NV + n) * kLanes);
+        v[t][n] = LaneIndex(n) < static_cast<int32_t>(s.experts)
+                      ? v[t][n] : Vec{} - INFINITY;
+      }
+    for (int t = 0; t < R; ++t) {
+      Vec m = v[t][0];
+      for (int n = 1; n < NV; ++n) m = Max(m, v[t][n]);
+      top[t] = HorizontalMax(m);
     }
-  for (int t = 0; t < kTile; ++t) {
-    Vec m = v[t][0];
-    for (int n = 1; n < NV; ++n) m = Max(m, v[t][n]);
-    top[t] = HorizontalMax(m);
-  }
-  for (int t = 0; t < kTile; ++t)
-    for (int n = 0; n < NV; ++n) {
-      v[t][n] = Exp(v[t][n] - top[t]);
-      v[t][n] = LaneIndex(n) < static_cast<int32_t>(s.experts) ? v[t][n] : Vec{};
+    for (int t = 0; t < R; ++t)
+      for (int n = 0; n < NV; ++n) {
+        v[t][n] = Exp(v[t][n] - top[t]);
+        v[t][n] = LaneIndex(n) < static_cast<int32_t>(s.experts) ? v[t][n] : Vec{};
+      }
+    for (int t = 0; t < R; ++t) {
+      Vec total = v[t][0];
+      for (int n = 1; n < NV; ++n) total += v[t][n];
+      inv[t] = 1.0f / HorizontalSum(total);
     }
-  for (int t = 0; t < kTile; ++t) {
-    Vec total = v[t][0];
-    for (int n = 1; n < NV; ++n) total += v[t][n];
-    inv[t] = 1.0f / HorizontalSum(total);
+    for (int t = 0; t < R; ++t)
+      for (int n = 0; n < NV; ++n)
+        Store(rows + (t * NV + n) * kLanes, v[t][n] * inv[t]);
   }
-  for (int t = 0; t < kTile; ++t)
-    for (int n = 0; n < NV; ++n)
-      Store(tile + (t * NV + n) * kLanes, v[t][n] * inv[t]);
 }
 
 void SoftmaxTile(const Shape& s, float* tile) {
-  if (s.padded == kLanes) {
-    SoftmaxTileOf<1>(s, tile);
-  } else {
-    SoftmaxTileOf<2>(s, tile);
-  }
+  WithRowVectors(s, [&](auto nv) { SoftmaxTileOf<nv()>(s, tile); });
 }
 
 // dl_t <- p_t * (dl_t + dprobs_t - (p_t . (dl_t + dprobs_t))) + dlogits_t:
 // the softmax's gradient, plus what the statistics send back, for the rows
-// of a tile ([kTile, padded]), stage by stage across the rows as in
-// SoftmaxTile. p is the tile's probabilities (zero rows past `count`, whose
-// gradient then comes out zero); dps and dls (the statistics' cotangents,
-// [rows, heads, E]) may be null.
+// of a tile ([kTile, padded]), stage by stage across the rows (in passes) as
+// in SoftmaxTile. p is the tile's probabilities (zero rows past `count`,
+// whose gradient then comes out zero); dps and dls (the statistics'
+// cotangents, [rows, heads, E]) may be null.
 template <int NV>
 void SoftmaxGradientTileOf(const Shape& s, const float* __restrict p,
                            const float* dls, const float* dps, int64_t r0,
                            int64_t h, int64_t count, float* dl) {
-  Vec pv[kTile][NV], d[kTile][NV];
-  float weighted[kTile];
-  for (int t = 0; t < kTile; ++t) {
-    const int64_t row = (r0 + t) * s.heads + h;
-    const float* dp = dps ? dps + row * s.experts : nullptr;
-    for (int n = 0; n < NV; ++n) {
-      pv[t][n] = Load(p + (t * NV + n) * kLanes);
-      d[t][n] = Load(dl + (t * NV + n) * kLanes);
-      if (dp)
-        d[t][n] += LoadFirst(dp + n * kLanes,
-                             t < count ? LanesOf(s.experts, n) : 0);
+  constexpr int R = PassRows(2 * NV, 2);
+  for (int t0 = 0; t0 < kTile; t0 += R) {
+    Vec pv[R][NV], d[R][NV];
+    float weighted[R];
+    for (int t = 0; t < R; ++t) {
+      const int64_t row = (r0 + t0 + t) * s.heads + h;
+      const float* dp = dps ? dps + row * s.experts : nullptr;
+      for (int n = 0; n < NV; ++n) {
+        pv[t][n] = Load(p + ((t0 + t) * NV + n) * kLanes);
+        d[t][n] = Load(dl + ((t0 + t) * NV + n) * kLanes);
+        if (dp)
+          d[t][n] += LoadFirst(dp + n * kLanes,
+                               t0 + t < count ? LanesOf(s.experts, n) : 0);
+      }
     }
-  }
-  for (int t = 0; t < kTile; ++t) {
-    Vec pd = pv[t][0] * d[t][0];
-    for (int n = 1; n < NV; ++n) pd += pv[t][n] * d[t][n];
-    weighted[t] = HorizontalSum(pd);
-  }
-  for (int t = 0; t < kTile; ++t) {
-    const int64_t row = (r0 + t) * s.heads + h;
-    const float* dg = dls ? dls + row * s.experts : nullptr;
-    for (int n = 0; n < NV; ++n) {
-      Vec out = pv[t][n] * (d[t][n] - weighted[t]);
-      if (dg)
-        out += LoadFirst(dg + n * kLanes, t < count ? LanesOf(s.experts, n) : 0);
-      Store(dl + (t * NV + n) * kLanes, out);
+    for (int t = 0; t < R; ++t) {
+      Vec pd = pv[t][0] * d[t][0];
+      for (int n = 1; n < NV; ++n) pd += pv[t][n] * d[t][n];
+      weighted[t] = HorizontalSum(pd);
+    }
+    for (int t = 0; t < R; ++t) {
+      const int64_t row = (r0 + t0 + t) * s.heads + h;
+      const float* dg = dls ? dls + row * s.experts : nullptr;
+      for (int n = 0; n < NV; ++n) {
+        Vec out = pv[t][n] * (d[t][n] - weighted[t]);
+        if (dg)
+          out += LoadFirst(dg + n * kLanes,
+                           t0 + t < count ? LanesOf(s.experts, n) : 0);
+        Store(dl + ((t0 + t) * NV + n) * kLanes, out);
+      }
     }
   }
 }
@@ -507,11 +611,9 @@ void SoftmaxGradientTileOf(const Shape& s, const float* __restrict p,
 void SoftmaxGradientTile(const Shape& s, const float* p, const float* dls,
                          const float* dps, int64_t r0, int64_t h,
                          int64_t count, float* dl) {
-  if (s.padded == kLanes) {
-    SoftmaxGradientTileOf<1>(s, p, dls, dps, r0, h, count, dl);
-  } else {
-    SoftmaxGradientTileOf<2>(s, p, dls, dps, r0, h, count, dl);
-  }
+  WithRowVectors(s, [&](auto nv) {
+    SoftmaxGradientTileOf<nv()>(s, p, dls, dps, r0, h, count, dl);
+  });
 }
 
 // Calls fn(h, first_row, count) for the tiles of one head over rows [begin,
