@@ -433,11 +433,20 @@ def dot_product_attention(query: Array, key: Array, value: Array,
                           deterministic: bool = False,
                           dtype: DType = jnp.float32,
                           float32_logits: bool = False) -> Array:
-  """T5 attention: no 1/sqrt(d) here, it is folded into the query kernel."""
+  """T5 attention: no 1/sqrt(d) here, it is folded into the query kernel.
+
+  `query [b, q, h, d]`, `key`/`value [b, k, h, d]`; returns `[b, q, h, d]`.
+  """
   if float32_logits:
     query = jnp.asarray(query, jnp.float32)
     key = jnp.asarray(key, jnp.float32)
-  logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
+  # Heads next to the batch before the per-head matmuls: with (batch, heads)
+  # leading, every head's product (and its gradients' products) is one
+  # contiguous matrix. XLA's CPU dots are slow on the strided per-head
+  # matrices of the projections' [b, q, h, d] layout; this way the whole
+  # T5-small training step ran ~7% faster (interleaved A/B, 2-core CPU).
+  query, key, value = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
+  logits = jnp.einsum('bhqd,bhkd->bhqk', query, key)
   if bias is not None:
     logits = logits + jnp.asarray(bias, logits.dtype)
   weights = jax.nn.softmax(logits).astype(dtype)
@@ -445,7 +454,7 @@ def dot_product_attention(query: Array, key: Array, value: Array,
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
     weights = weights * (keep.astype(dtype) / jnp.asarray(1.0 - dropout_rate,
                                                           dtype))
-  return jnp.einsum('bhqk,bkhd->bqhd', weights, value)
+  return jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', weights, value), 1, 2)
 
 
 class MultiHeadDotProductAttention(nn.Module):
