@@ -10,7 +10,8 @@ VENV ?= .venv
 # PyTorch CPU wheel index on machines whose default torch wheel is a CUDA
 # build, e.g. PIP_TORCH_FLAGS='--index-url <cpu wheel index>'.
 PIP_TORCH_FLAGS ?=
-PYTEST_FLAGS ?= -n auto
+# --durations: the slowest tests in every run, CI logs included.
+PYTEST_FLAGS ?= -n auto --durations=25
 BENCH_OUT ?= bench/results/latest
 
 BIN := $(VENV)/bin
