@@ -29,7 +29,7 @@ setuptools.setup(
         'mov_jax.gin_files': ['*.gin', '*/*.gin', '*/*/*.gin'],
         'mov_jax.tasks': ['data/**/*'],
         # C++ source of the fused CPU kernels, compiled on first use.
-        'mov_jax.kernels': ['*.cc'],
+        'mov_jax.kernels': ['*.cc', '*.h'],
     },
     install_requires=[
         'jax>=0.10',

@@ -26,6 +26,8 @@ from flax import linen as nn
 from flax.linen import partitioning as nn_partitioning
 from jax import lax
 
+from mov_jax import kernels
+
 param_with_axes = nn_partitioning.param_with_axes
 variable_with_axes = nn_partitioning.variable_with_axes
 with_sharding_constraint = nn_partitioning.with_sharding_constraint
@@ -440,6 +442,12 @@ def dot_product_attention(query: Array, key: Array, value: Array,
   if float32_logits:
     query = jnp.asarray(query, jnp.float32)
     key = jnp.asarray(key, jnp.float32)
+  dropout = not deterministic and dropout_rate > 0.
+  if not dropout and all(
+      kernels.use_cpu_attention(x.dtype) for x in (query, key, value)) and (
+          kernels.use_cpu_attention(dtype)):
+    # One fused kernel per direction on CPU (see `kernels.attention`).
+    return kernels.attention(query, key, value, bias)
   # Heads next to the batch before the per-head matmuls: with (batch, heads)
   # leading, every head's product (and its gradients' products) is one
   # contiguous matrix. XLA's CPU dots are slow on the strided per-head
@@ -450,7 +458,7 @@ def dot_product_attention(query: Array, key: Array, value: Array,
   if bias is not None:
     logits = logits + jnp.asarray(bias, logits.dtype)
   weights = jax.nn.softmax(logits).astype(dtype)
-  if not deterministic and dropout_rate > 0.:
+  if dropout:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
     weights = weights * (keep.astype(dtype) / jnp.asarray(1.0 - dropout_rate,
                                                           dtype))

@@ -184,3 +184,191 @@ def test_missing_or_failing_compiler_means_no_kernels(monkeypatch, tmp_path):
   assert not list(tmp_path.glob('*.so')), 'no library left behind'
   monkeypatch.setenv('MOV_JAX_CPU_KERNELS', '0')
   assert kernels._load() == (False, 'MOV_JAX_CPU_KERNELS=0')
+
+
+def _reference_attention(query, key, value, bias):
+  """What `kernels.attention` computes, in plain JAX."""
+  logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, precision='highest')
+  if bias is not None:
+    logits = logits + bias
+  probs = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum('bhqk,bkhd->bqhd', probs, value, precision='highest')
+
+
+def _attention_inputs(batch, q_len, kv_len, heads, head_dim, bias_shape,
+                      seed=0):
+  rng = np.random.default_rng(seed)
+  query, key, value = (jnp.asarray(rng.normal(size=(batch, length, heads,
+                                                    head_dim)), jnp.float32)
+                       for length in (q_len, kv_len, kv_len))
+  bias = None
+  if bias_shape is not None:
+    bias = jnp.asarray(rng.normal(size=bias_shape), jnp.float32)
+  return query, key, value, bias
+
+
+# (batch, q_len, kv_len, heads, head_dim, bias shape): lengths and head
+# sizes off the register tile (6 or 14 rows, 16 or 32 columns) and off the
+# vector width, one query (decoding), biases broadcast over the batch (T5's
+# position bias), over the heads (a padding mask) or over both, and none.
+ATTENTION_SHAPES = [
+    (2, 37, 19, 3, 20, (1, 3, 37, 19)),
+    (3, 8, 33, 2, 64, (3, 1, 8, 33)),
+    (1, 1, 45, 4, 7, (1, 4, 1, 45)),
+    (2, 17, 17, 1, 33, (1, 1, 17, 17)),
+    (2, 29, 12, 2, 16, (2, 2, 29, 12)),
+    (2, 9, 70, 3, 8, None),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize('shape', ATTENTION_SHAPES)
+def test_attention_forward_and_gradients_match_jax(shape):
+  query, key, value, bias = _attention_inputs(*shape)
+  _assert_close(kernels.attention(query, key, value, bias),
+                _reference_attention(query, key, value, bias), 'outputs')
+  cotangent = jnp.asarray(
+      np.random.default_rng(1).normal(size=query.shape), jnp.float32)
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+
+  def loss(fn):
+    return lambda *args: jnp.sum(fn(*args) * cotangent)
+
+  got = jax.grad(loss(kernels.attention), argnums)(query, key, value, bias)
+  want = jax.grad(loss(_reference_attention), argnums)(query, key, value, bias)
+  for name, g, w in zip(('query', 'key', 'value', 'bias'), got, want):
+    assert g.shape == w.shape, name
+    _assert_close(g, w, f'{name} gradient')
+
+
+@needs_kernels
+def test_attention_fully_masked_rows_and_large_logits():
+  """A row that masks every key (-1e10, T5's mask) averages the values like
+  the JAX softmax does; logits in the hundreds neither overflow nor lose the
+  largest term."""
+  query, key, value, _ = _attention_inputs(2, 5, 6, 2, 4, None)
+  mask = np.zeros((2, 1, 5, 6), np.float32)
+  mask[0, 0, 2, :] = -1e10  # every key of one query
+  mask[1, 0, :, 4:] = -1e10  # padding keys
+  mask = jnp.asarray(mask)
+  for q in (query, query * 40.0):
+    _assert_close(kernels.attention(q, key, value, mask),
+                  _reference_attention(q, key, value, mask), 'outputs')
+    got = jax.grad(lambda q, k, v: jnp.sum(
+        kernels.attention(q, k, v, mask) ** 2), (0, 1, 2))(q, key, value)
+    want = jax.grad(lambda q, k, v: jnp.sum(
+        _reference_attention(q, k, v, mask) ** 2), (0, 1, 2))(q, key, value)
+    for g, w in zip(got, want):
+      _assert_close(g, w, 'gradients')
+
+
+@needs_kernels
+def test_attention_bias_shape_errors():
+  query, key, value, _ = _attention_inputs(2, 4, 5, 3, 8, None)
+  with pytest.raises(ValueError, match='4 dims'):
+    kernels.attention(query, key, value, jnp.zeros((4, 5)))
+  with pytest.raises(ValueError, match='does not broadcast'):
+    kernels.attention(query, key, value, jnp.zeros((2, 2, 4, 5)))
+
+
+@needs_kernels
+def test_attention_computes_only_the_gradients_something_needs():
+  """A frozen first layer's query, a mask: the backward kernel gets empty
+  results for their gradients (and skips those matmuls); the others stay
+  exact."""
+  query, key, value, _ = _attention_inputs(2, 4, 5, 3, 8, None)
+  mask = jnp.asarray(np.random.default_rng(2).normal(size=(2, 1, 4, 5)),
+                     jnp.float32)
+
+  def backward_results(fn, argnums):
+    jaxpr = jax.make_jaxpr(jax.grad(fn, argnums))(query, key, value, mask)
+    call, = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.params.get(
+        'target_name') == kernels.ATTENTION_BACKWARD_TARGET]
+    return [tuple(v.aval.shape) for v in call.outvars]
+
+  loss = lambda fn: lambda *args: jnp.sum(fn(*args) ** 2)
+  for argnums in ((2,), (1, 2), (0, 3)):
+    results = backward_results(loss(kernels.attention), argnums)
+    full = [query.shape, key.shape, value.shape, (2, 3, 4, 5)]
+    assert results == [shape if i in argnums else (0,)
+                       for i, shape in enumerate(full)], argnums
+    got = jax.grad(loss(kernels.attention), argnums)(query, key, value, mask)
+    want = jax.grad(loss(_reference_attention), argnums)(query, key, value,
+                                                         mask)
+    for g, w in zip(got, want):
+      _assert_close(g, w, f'gradients of {argnums}')
+
+
+@needs_kernels
+def test_attention_vmap_matches_a_loop():
+  query, key, value, bias = _attention_inputs(3, 6, 7, 2, 5, (3, 2, 6, 7))
+  stacked = [x[None].repeat(2, 0) * jnp.asarray([1.0, 0.5]).reshape(
+      2, 1, 1, 1, 1) for x in (query, key, value, bias)]
+  got = jax.vmap(kernels.attention)(*stacked)
+  for i in range(2):
+    _assert_close(got[i], kernels.attention(*(x[i] for x in stacked)),
+                  f'vmapped attention {i}')
+
+
+@needs_kernels
+def test_dot_product_attention_uses_the_kernel_only_where_it_applies(
+    monkeypatch):
+  """float32 without dropout: the kernel, with the JAX path's results;
+  dropout or bfloat16: the JAX path."""
+  from mov_jax import layers  # pylint: disable=g-import-not-at-top
+  query, key, value, bias = _attention_inputs(2, 7, 9, 3, 16, (1, 3, 7, 9))
+
+  def run(**kwargs):
+    fn = lambda q, k, v: jnp.sum(layers.dot_product_attention(
+        q, k, v, bias, dropout_rng=jax.random.PRNGKey(0), **kwargs) ** 2)
+    jaxpr = str(jax.make_jaxpr(jax.grad(fn, (0, 1, 2)))(query, key, value))
+    return jax.value_and_grad(fn, (0, 1, 2))(query, key, value), jaxpr
+
+  with_kernel, jaxpr = run(deterministic=True)
+  assert kernels.ATTENTION_FORWARD_TARGET in jaxpr
+  _, jaxpr = run(deterministic=False, dropout_rate=0.1)
+  assert kernels.ATTENTION_FORWARD_TARGET not in jaxpr
+  assert not kernels.use_cpu_attention(jnp.bfloat16)
+  monkeypatch.setattr(kernels, 'use_cpu_attention', lambda dtype: False)
+  without_kernel, jaxpr = run(deterministic=True)
+  assert kernels.ATTENTION_FORWARD_TARGET not in jaxpr
+  for g, w in zip(jax.tree_util.tree_leaves(with_kernel),
+                  jax.tree_util.tree_leaves(without_kernel)):
+    _assert_close(g, w, 'loss or gradients')
+
+
+def test_attention_equivalent_matmuls_count_the_model_flops():
+  """Two forward and four backward products of 2 b h lq lk d FLOPs each,
+  the same as the JAX path's dots."""
+  batch, q_len, kv_len, heads, depth = 2, 7, 9, 3, 16
+  queries = (batch, q_len, heads, depth)
+  keys = (batch, kv_len, heads, depth)
+  probs = (batch, heads, q_len, kv_len)
+
+  def flops(matmuls):
+    total = 0
+    for lhs, rhs, ((_, rhs_contracting), (_, rhs_batch)) in matmuls:
+      kept = [n for axis, n in enumerate(rhs)
+              if axis not in rhs_contracting + rhs_batch]
+      total += 2 * int(np.prod(lhs)) * int(np.prod(kept))
+    return total
+
+  product = 2 * batch * heads * q_len * kv_len * depth
+  forward = kernels.equivalent_matmuls(
+      kernels.ATTENTION_FORWARD_TARGET, [queries, keys, keys, probs],
+      [queries, probs])
+  backward = kernels.equivalent_matmuls(
+      kernels.ATTENTION_BACKWARD_TARGET,
+      [queries, keys, keys, probs, queries], [queries, keys, keys, (0,)])
+  assert flops(forward) == 2 * product
+  assert flops(backward) == 4 * product
+  # Only the gradients the call computes: no dq (a frozen query) leaves
+  # dprobs, dv and dk; dv alone is one product.
+  assert flops(kernels.equivalent_matmuls(
+      kernels.ATTENTION_BACKWARD_TARGET,
+      [queries, keys, keys, probs, queries],
+      [(0,), keys, keys, (0,)])) == 3 * product
+  assert flops(kernels.equivalent_matmuls(
+      kernels.ATTENTION_BACKWARD_TARGET,
+      [queries, keys, keys, probs, queries],
+      [(0,), (0,), keys, (0,)])) == product
