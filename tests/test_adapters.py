@@ -197,16 +197,23 @@ def test_efficient_molora_equals_naive_per_expert_reference(site):
   assert np.abs(naive - np.asarray(outputs)).max() > 0.1
 
 
-def test_molora_gradients_equal_naive_per_expert_reference():
+@pytest.mark.parametrize('aux_losses', [False, True])
+def test_molora_gradients_equal_naive_per_expert_reference(aux_losses):
   """Gradients (input, A, B, router) of the adapter, whose router logits come
   out of the down-projection's matmul, against autodiff of the naive
-  per-expert formula; and the router statistics it sows."""
+  per-expert formula; and the router statistics it sows. With the router's
+  auxiliary losses in the loss, their gradients flow back through the
+  logits and probabilities too."""
+  z_weight, balance_weight = (0.3, 0.2) if aux_losses else (0.0, 0.0)
   rng = np.random.default_rng(3)
   b, l, emb, d_out, experts, rank = 2, 6, 12, 7, 5, 3
   x = jnp.asarray(rng.normal(size=(b, l, emb)), jnp.float32)
   y = jnp.asarray(rng.normal(size=(b, l, d_out)), jnp.float32)
   g = jnp.asarray(rng.normal(size=(b, l, d_out)), jnp.float32)
-  module = lora.MixtureOfLoRA(rank=rank, alpha=6.0, num_experts=experts)
+  module = lora.MixtureOfLoRA(
+      rank=rank, alpha=6.0, num_experts=experts,
+      router=routing.RouterConfig(z_loss_weight=z_weight,
+                                  load_balance_weight=balance_weight))
   _, params = _run_adapter(module, x, y, layers.ACT_EMBED, layers.ACT_EMBED)
   params = jax.tree_util.tree_map(
       lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
@@ -214,16 +221,23 @@ def test_molora_gradients_equal_naive_per_expert_reference():
                 output_axes=layers.ACT_EMBED)
 
   def ours(params, x):
-    out, sown = module.apply({'params': params}, x, y, mutable=['intermediates'],
-                             **kwargs)
-    return jnp.sum(out * g), sown['intermediates']
+    out, sown = module.apply({'params': params}, x, y,
+                             mutable=['intermediates', 'aux_loss'], **kwargs)
+    aux = routing.total_aux_loss(sown['aux_loss'])
+    return jnp.sum(out * g) + aux, sown['intermediates']
 
   def naive(params, x):
-    probs = jax.nn.softmax(x @ params['router']['kernel'], axis=-1)
+    logits = x @ params['router']['kernel']
+    probs = jax.nn.softmax(logits, axis=-1)
     per_expert = jnp.einsum('bld,der,ero->bleo', x, params['lora_a'],
                             params['lora_b'])
     out = y + (6.0 / rank) * jnp.einsum('ble,bleo->blo', probs, per_expert)
-    return jnp.sum(out * g), probs
+    z_loss = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+    top1 = jax.nn.one_hot(jnp.argmax(probs, axis=-1), experts)
+    balance = experts * jnp.sum(jnp.mean(top1, axis=(0, 1)) *
+                                jnp.mean(probs, axis=(0, 1)))
+    aux = z_weight * z_loss + balance_weight * balance
+    return jnp.sum(out * g) + aux, probs
 
   (_, sown), grads = jax.value_and_grad(ours, argnums=(0, 1), has_aux=True)(
       params, x)

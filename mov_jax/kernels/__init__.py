@@ -130,7 +130,8 @@ def cpu_kernels_available() -> bool:
       if not _status[0]:
         logging.warning(
             'mov_jax: fused CPU kernels unavailable (%s); the mixture sites '
-            'run as plain JAX operations, which is slower on CPU.',
+            'and attention run as plain JAX operations, which is slower on '
+            'CPU.',
             _status[1])
     return _status[0]
 
