@@ -83,7 +83,9 @@ class TrainConfig:
     checkpoint_period: save every N steps (CHECKPOINT_PERIOD); the last step
       is always saved.
     keep_checkpoints: keep only the newest N (None: keep all).
-    log_period: print, and write metrics, every N steps.
+    log_period: print, and write metrics, every N steps (and after the first
+      and the last). The router statistics among them are computed only on
+      those steps (`logs_metrics`).
     seed: seeds parameter init, dropout and the input shuffle.
     shuffle: shuffle the training data.
     export_adapter: write the trainable parameters alone at the end.
@@ -199,17 +201,33 @@ def router_statistics(intermediates) -> Dict[str, jax.Array]:
   return {k: jnp.mean(jnp.stack(v), axis=0) for k, v in grouped.items()}
 
 
+def logs_metrics(cfg: TrainConfig, done):
+  """Whether the training loop logs the metrics of the step after which
+  `done` steps are done: every `log_period` steps, the first and the last.
+  A Python int gives a bool; a traced step count a traced one."""
+  return ((done % cfg.log_period == 0) | (done == 1) |
+          (done == cfg.train_steps))
+
+
 def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation,
                     schedule: optax.Schedule):
+  """The training step `(state, batch) -> (state, metrics)`. The metrics'
+  router statistics (`router/...`) are computed only on steps whose metrics
+  get logged (`logs_metrics`) and are zeros on the others: computing them
+  costs a few passes over every router's probabilities."""
   network = cfg.network
 
   def train_step(state: ts.TrainState, batch) -> Tuple[ts.TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
+    compute_statistics = logs_metrics(cfg, state.step + 1)
 
     def loss_fn(trainable):
       params = optim.merge_params(trainable, state.frozen)
       logits, sown = network.apply(
-          {'params': params}, **network_inputs(batch), enable_dropout=True,
+          {'params': params,
+           routing.STATISTICS_SWITCH: routing.statistics_switch(
+               params, compute_statistics)},
+          **network_inputs(batch), enable_dropout=True,
           rngs={'dropout': rng}, mutable=['aux_loss', 'intermediates'])
       loss, metrics = models.normalized_loss(
           logits, batch, cfg.loss_normalizing_factor, cfg.z_loss)
@@ -468,8 +486,13 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
       state, metrics = step_fn(state, batch)
       window_steps += 1
       done = step + 1
-      if done % cfg.log_period == 0 or done == end_step or done == 1:
+      if logs_metrics(cfg, done) or done == end_step:
         scalars = _scalars(jax.device_get(metrics))
+        if not logs_metrics(cfg, done):
+          # Stopped early (`stop_after`) on a step that did not compute the
+          # router statistics: log the rest.
+          scalars = {k: v for k, v in scalars.items()
+                     if not k.startswith('router/')}
         now = time.perf_counter()
         scalars['tokens_per_s'] = tokens_per_step * window_steps / max(
             now - t_window, 1e-9)

@@ -354,6 +354,69 @@ def test_router_aux_losses_and_statistics_are_sown():
   assert not np.allclose(a, b)
 
 
+@pytest.mark.parametrize('weighted', [False, True])
+def test_statistics_switch_skips_the_statistics_not_the_losses(weighted):
+  """With its switch off a router sows zeros for its statistics (they are
+  not computed); with it on, or without one, the same statistics. Its
+  auxiliary loss, when weighted, is the same either way, gradient
+  included."""
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+  mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], jnp.float32)
+  config = (routing.RouterConfig(z_loss_weight=0.5, load_balance_weight=0.25)
+            if weighted else routing.RouterConfig())
+  router = routing.Router(num_experts=4, config=config)
+  kw = dict(input_axes=layers.ACT_MLP, deterministic=True, mask=mask)
+  params = router.init(jax.random.PRNGKey(0), x, **kw)['params']
+
+  def run(params, switch):
+    variables = {'params': params}
+    if switch is not None:
+      variables[routing.STATISTICS_SWITCH] = {'compute': switch}
+    probs, sown = router.apply(variables, x, **kw,
+                               mutable=['aux_loss', 'intermediates'])
+    aux = routing.total_aux_loss(sown['aux_loss'])
+    return jnp.sum(probs * x[..., :4]) + aux, sown
+
+  grad_fn = jax.value_and_grad(run, has_aux=True)
+  (_, free), free_grad = grad_fn(params, None)
+  # Traced switches (as in the training step) and a constant one.
+  for switch in (jnp.asarray(True), jnp.asarray(False), False):
+    fn = grad_fn if isinstance(switch, bool) else jax.jit(grad_fn)
+    (_, sown), grad = fn(params, switch)
+    np.testing.assert_allclose(grad['kernel'], free_grad['kernel'],
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(sown['aux_loss']['router'][0],
+                               free['aux_loss']['router'][0], rtol=1e-6)
+    on = bool(switch) or weighted  # weighted losses need them every step
+    for name, (value,) in free['intermediates'].items():
+      got = sown['intermediates'][name][0]
+      if on:
+        np.testing.assert_allclose(got, value, rtol=1e-6, atol=1e-7)
+      else:
+        np.testing.assert_array_equal(got, np.zeros_like(value))
+    assert float(jnp.abs(free['intermediates']['entropy'][0])) > 0.1
+
+
+def test_statistics_switch_names_every_router_of_a_network():
+  net, _ = _build('t5_1_1_tiny', 'mov')
+  batch = _batch()
+  params = _init(net, batch)
+  switch = routing.statistics_switch(params, True)
+  flat = traverse_util.flatten_dict(switch, sep='/')
+  routers = {k[:-len('/kernel')] for k in traverse_util.flatten_dict(
+      params, sep='/') if k.endswith('/router/kernel')}
+  assert routers and {k[:-len('/compute')] for k in flat} == routers
+  assert all(v is True for v in flat.values())
+  _, sown = net.apply({'params': params, routing.STATISTICS_SWITCH:
+                       routing.statistics_switch(params, False)}, **batch,
+                      enable_dropout=False, mutable=['intermediates'])
+  entropies = [v[0] for k, v in traverse_util.flatten_dict(
+      sown['intermediates'], sep='/').items() if k.endswith('/entropy')]
+  assert len(entropies) == len(routers)
+  assert all(float(e) == 0.0 for e in entropies)
+
+
 def test_router_input_can_be_the_site_input():
   net, _ = _build('t5_1_1_tiny', 'mov',
                   ["vectors.MixtureOfVectors.router_input = 'input'"])

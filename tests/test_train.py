@@ -386,3 +386,76 @@ def test_a_computation_too_big_for_a_device_fails_before_it_runs():
                                       'Use a smaller BATCH_SIZE.')
   fits = jax.jit(lambda x: x * 2).lower(jnp.ones(4)).compile()
   partitioning.check_fits_in_memory(fits, 'This step', '')
+
+
+def test_router_statistics_are_computed_only_on_logged_steps(tmp_path,
+                                                            monkeypatch):
+  """The training step computes the router statistics on the steps whose
+  metrics the loop logs (the first, every LOG_PERIOD, the last), equal to
+  what the routers report on their own, and zeros on the others; the loss
+  and the update are the same either way."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import gin  # pylint: disable=g-import-not-at-top
+  from mov_jax import models  # pylint: disable=g-import-not-at-top
+  from mov_jax import optim  # pylint: disable=g-import-not-at-top
+  gin.clear_config(clear_constants=True)
+  gin_utils.parse_gin(
+      ['models/t5_1_1_tiny.gin', 'methods/mov.gin', 'runs/finetune.gin'],
+      [f"MODEL_DIR = '{tmp_path}'", 'BATCH_SIZE = 2', 'LOG_PERIOD = 3',
+       'TRAIN_STEPS = 8', 'NUM_EMBEDDINGS = 101',
+       "TASK_FEATURE_LENGTHS = {'inputs': 12, 'targets': 6}"])
+  cfg = train.config_from_gin()
+  assert [d for d in range(1, 9) if train.logs_metrics(cfg, d)] == [1, 3, 6,
+                                                                    8]
+  rng = np.random.default_rng(0)
+  targets = rng.integers(2, 101, (2, 6)).astype(np.int32)
+  batch = {'encoder_input_tokens': rng.integers(2, 101, (2, 12)).astype(
+               np.int32),
+           'decoder_target_tokens': targets,
+           'decoder_input_tokens': np.asarray(models.shift_right(targets)),
+           'decoder_loss_weights': np.ones_like(targets)}
+  tx = cfg.optimizer.make()
+  mesh = cfg.mesh.make_mesh()
+
+  def run(steps):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(cfg.mesh.rules):
+      layout = train.state_layout(cfg, tx, mesh)
+      state = layout.fresh_state(layout.initial_params())
+      step_fn = jax.jit(train.make_train_step(
+          cfg, tx, cfg.optimizer.learning_rate_fn()))
+      history = []
+      for _ in range(steps):
+        before = state
+        state, metrics = step_fn(state, batch)
+        history.append((before, jax.device_get(metrics)))
+    return state, history
+
+  state, history = run(3)
+  router_keys = [k for k in history[0][1] if k.startswith('router/')]
+  assert any(k.startswith('router/entropy/') for k in router_keys)
+  for done, (before, metrics) in enumerate(history, start=1):
+    if done == 2:  # not logged: not computed
+      assert all(np.all(metrics[k] == 0) for k in router_keys)
+      continue
+    # Logged: what the routers report when applied on their own.
+    params = optim.merge_params(before.trainable, before.frozen)
+    _, sown = cfg.network.apply(
+        {'params': params}, **train.network_inputs(batch),
+        enable_dropout=True, mutable=['intermediates'],
+        rngs={'dropout': jax.random.fold_in(before.rng, before.step)})
+    expected = train.router_statistics(sown['intermediates'])
+    assert sorted(expected) == sorted(router_keys)
+    for k in router_keys:
+      np.testing.assert_allclose(metrics[k], expected[k], rtol=1e-5,
+                                 atol=1e-6)
+      assert np.all(np.isfinite(metrics[k])) and np.any(metrics[k] != 0)
+
+  # The same three steps computing the statistics every time.
+  monkeypatch.setattr(train, 'logs_metrics', lambda cfg, done: done >= 0)
+  always, always_history = run(3)
+  for (_, a), (_, b) in zip(history, always_history):
+    np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(state.trainable),
+                  jax.tree_util.tree_leaves(always.trainable)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  gin.clear_config(clear_constants=True)
