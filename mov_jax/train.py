@@ -84,8 +84,8 @@ class TrainConfig:
       is always saved.
     keep_checkpoints: keep only the newest N (None: keep all).
     log_period: print, and write metrics, every N steps (and after the first
-      and the last). The router statistics among them are computed only on
-      those steps (`logs_metrics`).
+      and the last). On CPU the router statistics among them are computed
+      only on those steps (`logs_metrics`, `make_train_step`).
     seed: seeds parameter init, dropout and the input shuffle.
     shuffle: shuffle the training data.
     export_adapter: write the trainable parameters alone at the end.
@@ -211,11 +211,15 @@ def logs_metrics(cfg: TrainConfig, done):
 
 def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation,
                     schedule: optax.Schedule):
-  """The training step `(state, batch) -> (state, metrics)`. The metrics'
-  router statistics (`router/...`) are computed only on steps whose metrics
-  get logged (`logs_metrics`) and are zeros on the others: computing them
-  costs a few passes over every router's probabilities."""
+  """The training step `(state, batch) -> (state, metrics)`. On CPU the
+  metrics' router statistics (`router/...`) are computed only on steps
+  whose metrics get logged (`logs_metrics`) and are zeros on the others:
+  there they cost a few percent of a small model's step. Elsewhere they
+  are cheap next to the step, while a conditional per router may not be
+  (XLA:GPU can wait on the host for each conditional's predicate), so they
+  are computed on every step."""
   network = cfg.network
+  switch_statistics = jax.default_backend() == 'cpu'
 
   def train_step(state: ts.TrainState, batch) -> Tuple[ts.TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
@@ -223,11 +227,12 @@ def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation,
 
     def loss_fn(trainable):
       params = optim.merge_params(trainable, state.frozen)
+      variables = {'params': params}
+      if switch_statistics:
+        variables[routing.STATISTICS_SWITCH] = routing.statistics_switch(
+            params, compute_statistics)
       logits, sown = network.apply(
-          {'params': params,
-           routing.STATISTICS_SWITCH: routing.statistics_switch(
-               params, compute_statistics)},
-          **network_inputs(batch), enable_dropout=True,
+          variables, **network_inputs(batch), enable_dropout=True,
           rngs={'dropout': rng}, mutable=['aux_loss', 'intermediates'])
       loss, metrics = models.normalized_loss(
           logits, batch, cfg.loss_normalizing_factor, cfg.z_loss)
@@ -489,8 +494,8 @@ def train(cfg: TrainConfig, stop_after: Optional[int] = None) -> Dict[str, Any]:
       if logs_metrics(cfg, done) or done == end_step:
         scalars = _scalars(jax.device_get(metrics))
         if not logs_metrics(cfg, done):
-          # Stopped early (`stop_after`) on a step that did not compute the
-          # router statistics: log the rest.
+          # Stopped early (`stop_after`) on a step that may not have
+          # computed the router statistics: log the rest.
           scalars = {k: v for k, v in scalars.items()
                      if not k.startswith('router/')}
         now = time.perf_counter()

@@ -14,9 +14,10 @@ plain inference pay nothing):
   * `intermediates/{z_loss, load_balance_loss, expert_probability,
     expert_top1_fraction, entropy}`: per-router statistics for analysis.
 
-A caller that reports the statistics only now and then (training logs them
-every `log_period` steps) passes a boolean per router in the
-`STATISTICS_SWITCH` collection (`statistics_switch` builds it): where it is
+A caller that reports the statistics only now and then (the training step
+on CPU: they are logged every `log_period` steps) passes a boolean per
+router in the `STATISTICS_SWITCH` collection (`statistics_switch` builds
+it): where it is
 False the statistics are sown as zeros and not computed (a few passes over
 every site's probabilities, 2-3% of a tiny model's MoV-10 or MoLoRA-10
 training step on CPU). The auxiliary losses are always computed when
