@@ -13,8 +13,9 @@ builds a fresh run, and `jax.jit(train.make_train_step(...),
 donate_argnums=(0,))`, compiled ahead of time on random tokens without
 padding. Its steps after the first log no metrics (LOG_PERIOD is 100 in
 `runs/finetune.gin`), so on CPU the timed ones skip the router statistics,
-as 99 of a run's 100 steps do (`train.logs_metrics`). On CPU the processes of one size stay alive and take turns, one step
-each, so that a busy machine slows every method alike. Between turns each
+as 99 of a run's 100 steps do (`train.logs_metrics`). On CPU the processes
+of one size stay alive and take turns, one step each, so that a busy
+machine slows every method alike. Between turns each
 hands its freed heap back to the kernel (so that they all fit in memory) and
 re-warms with an untimed step at its next turn; it also times a square
 matmul, the peak to compare to (2048 x 2048 float32 on CPU, 8192 x 8192 in

@@ -223,14 +223,13 @@ def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation,
 
   def train_step(state: ts.TrainState, batch) -> Tuple[ts.TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
-    compute_statistics = logs_metrics(cfg, state.step + 1)
 
     def loss_fn(trainable):
       params = optim.merge_params(trainable, state.frozen)
       variables = {'params': params}
       if switch_statistics:
         variables[routing.STATISTICS_SWITCH] = routing.statistics_switch(
-            params, compute_statistics)
+            params, logs_metrics(cfg, state.step + 1))
       logits, sown = network.apply(
           variables, **network_inputs(batch), enable_dropout=True,
           rngs={'dropout': rng}, mutable=['aux_loss', 'intermediates'])

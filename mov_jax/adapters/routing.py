@@ -17,11 +17,10 @@ plain inference pay nothing):
 A caller that reports the statistics only now and then (the training step
 on CPU: they are logged every `log_period` steps) passes a boolean per
 router in the `STATISTICS_SWITCH` collection (`statistics_switch` builds
-it): where it is
-False the statistics are sown as zeros and not computed (a few passes over
-every site's probabilities, 2-3% of a tiny model's MoV-10 or MoLoRA-10
-training step on CPU). The auxiliary losses are always computed when
-weighted.
+it): where it is False the statistics are sown as zeros and not computed
+(a few passes over every site's probabilities, 2-3% of a tiny model's
+MoV-10 or MoLoRA-10 training step on CPU). The auxiliary losses are always
+computed when weighted.
 """
 
 import dataclasses
@@ -31,6 +30,7 @@ from typing import Callable, Optional, Tuple
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import traverse_util
 from jax import lax
 
 from mov_jax import layers
@@ -43,14 +43,11 @@ SEQUENCE = 'sequence'
 # Variable collection of per-router booleans: compute the statistics now.
 STATISTICS_SWITCH = 'router_statistics'
 _SWITCH_NAME = 'compute'
-_STATISTICS = ('z_loss', 'load_balance_loss', 'expert_probability',
-               'expert_top1_fraction', 'entropy')
 
 
 def statistics_switch(params, compute) -> dict:
   """The `STATISTICS_SWITCH` collection for a network's `params`: `compute`
   (a boolean, traced or not) for every router in them."""
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   flat = traverse_util.flatten_dict(dict(params))
   switches = {path[:-1] + (_SWITCH_NAME,): compute for path in flat
               if path[-2:] == ('router', 'kernel')}
@@ -239,16 +236,15 @@ class Router(nn.Module):
               if self.has_variable(STATISTICS_SWITCH, _SWITCH_NAME) else None)
     statistics = functools.partial(_statistics, self.num_experts,
                                    cfg.granularity)
-    if switch is None or weighted or (isinstance(switch, bool) and switch):
-      # (The losses need them on every step.)
+    if switch is None or weighted:  # (weighted: the losses need them)
       stats = statistics(logits, probs, token_weights)
     else:
       zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in jax.eval_shape(
           statistics, logits, probs, token_weights).items()}
       stats = lax.cond(jnp.asarray(switch, bool), statistics,
                        lambda *_: zeros, logits, probs, token_weights)
-    for name in _STATISTICS:
-      self.sow('intermediates', name, stats[name])
+    for name, value in stats.items():
+      self.sow('intermediates', name, value)
     # Only losses with a weight enter the graph: a zero-weighted term would
     # still be differentiated (0 * its gradient) in every training step.
     aux = jnp.zeros((), jnp.float32)
@@ -261,7 +257,7 @@ class Router(nn.Module):
 
 def _statistics(num_experts: int, granularity: str, logits: Array,
                 probs: Array, token_weights: Optional[Array]):
-  """A router's statistics (`_STATISTICS`) from its logits and probabilities
+  """A router's statistics, by name, from its logits and probabilities
   `[..., experts]`; tokens weighted by `token_weights` (token routing)."""
   weights = None
   if token_weights is not None and granularity == TOKEN:
