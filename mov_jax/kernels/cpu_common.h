@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -29,11 +30,32 @@ namespace mov_jax_kernels {
 
 // ---------------------------------------------------------------- threads
 
+// How long a kernel's caller spins on its helpers' last chunks before it
+// blocks (see ParallelFor): a few chunks' time, so that an oversubscribed
+// host (a helper descheduled) costs a little spinning, not a stall.
+constexpr int64_t kSpinMicros = 200;
+
+// Tells the CPU this is a spin-wait loop (fewer wasted cycles and, with
+// hyper-threading, more for the sibling thread).
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
 // Runs fn(chunk) for chunk in [0, n_chunks) on the caller and XLA's intra-op
 // threads. Chunks are claimed from a shared counter, so the caller never waits
 // on a task that has not started (two kernels waiting on each other's queued
 // tasks cannot deadlock the pool); a task that starts after every chunk was
 // claimed does nothing, and the state it touches is shared-owned.
+//
+// The caller then waits only for chunks a helper has started. It spins for
+// a while before it blocks: a chunk takes tens of microseconds, and a
+// blocked thread takes about as long to wake again (50-70 us from a
+// notify to running on the 2-core cloud VMs measured), which on the tiny
+// model's MoV sites had cost 2-3% of a training step.
 template <typename F>
 void ParallelFor(ffi::ThreadPool& pool, int64_t n_chunks, const F& fn) {
   struct State {
@@ -58,6 +80,12 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n_chunks, const F& fn) {
       std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 0), n_chunks - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
   work();
+  const auto spin_until =
+      std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+  while (state->done.load(std::memory_order_acquire) != n_chunks) {
+    for (int i = 0; i < 32; ++i) CpuRelax();
+    if (std::chrono::steady_clock::now() > spin_until) break;
+  }
   std::unique_lock<std::mutex> lock(state->mu);
   state->cv.wait(lock, [&] { return state->done.load() == n_chunks; });
 }
