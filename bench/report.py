@@ -67,9 +67,13 @@ def train_step_section(records) -> str:
            '-' if r.get('xla_total_mb') is None else
            f"{r['xla_total_mb']:,.0f}",
            f"{r['trainable_params']:,}"] for r in steps]
+  processes = first.get('processes', 1)
+  timed = (f"{first['steps']} timed steps" if processes == 1 else
+           f"{first['steps'] // processes} timed steps in each of "
+           f"{processes} processes per configuration")
   out = [f"Training step ({first['dtype']}, batch {first['batch_size']}, "
          f"{first['input_length']} input / {first['target_length']} target "
-         f"tokens, dropout {first['dropout']}, {first['steps']} timed steps; "
+         f"tokens, dropout {first['dropout']}, {timed}; "
          f"{machine(first)}; matmul peak {first['matmul_size']}^2: fastest "
          f"{first['matmul_peak_flops'] / 1e9:.0f} GFLOP/s, median "
          f"{first['matmul_median_flops'] / 1e9:.0f} GFLOP/s):", '',
@@ -80,8 +84,14 @@ def train_step_section(records) -> str:
   if goals:
     rows = [[g['size'], g['method'], g['field'], f"{g['value']:.3f}",
              g['goal'], 'yes' if g['met'] else '**no**'] for g in goals]
-    out += ['', table(rows, ['size', 'ratio', 'of', 'value', 'goal',
-                             'met'])]
+    header = ['size', 'ratio', 'of', 'value', 'goal', 'met']
+    if any('value_by_process' in g for g in goals):
+      # The spread of the ratio between pairs of processes.
+      header.insert(4, 'process pairs')
+      for row, g in zip(rows, goals):
+        pairs = g.get('value_by_process')
+        row.insert(4, f'{min(pairs):.3f}-{max(pairs):.3f}' if pairs else '-')
+    out += ['', table(rows, header)]
   references = [r for r in records if r['kind'] == 'reference']
   if references:
     torch_version = next((r['torch_version'] for r in steps

@@ -4,7 +4,7 @@
         [--methods=full,ia3,lora,mov-10,mov-30,molora-10] \
         [--torch_reference=auto|no] [--batch_size=8] \
         [--input_length=256] [--target_length=64] [--steps=10] \
-        [--dtype=float32] [--out=train_step.json]
+        [--dtype=float32] [--processes=1] [--out=train_step.json]
 
 Each (size, method) runs in its own Python process (so peak memory is its
 own): `models/t5_1_1_<size>.gin` + the method gin + `runs/finetune.gin`
@@ -20,7 +20,18 @@ hands its freed heap back to the kernel (so that they all fit in memory) and
 re-warms with an untimed step at its next turn; it also times a square
 matmul, the peak to compare to (2048 x 2048 float32 on CPU, 8192 x 8192 in
 the benchmark's dtype on accelerators). On accelerators
-(or with --no-interleave) the configurations run one after another.
+(or with --interleave=no) the configurations run one after another.
+
+--processes=N runs each configuration in N processes (on CPU all alive at
+once, turns going round the methods before a method's next process), and
+its record pools their timed steps (`steps` counts them all; each process's
+median in `step_time_median_by_process_s`). A process keeps what slows or
+speeds it (where its memory landed, its threads' placement) for its whole
+life: on a 2-core VM two processes of the same code can differ by several
+percent in every step, more than their steps vary, so with one process per
+configuration a ratio of two configurations can land on either side of its
+goal. The step-time goals then also list the ratio of each pair of
+processes (`value_by_process`: the i-th of each, which ran side by side).
 
 Per configuration: compile time; median and min step time over --steps steps
 after --warmup; tokens/s (batch x (input + target length) / median step);
@@ -89,6 +100,7 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -322,19 +334,29 @@ def run_turns(running: Dict[str, Any], steps: int, matmuls: int,
         f'{m} {times[m]["step_s"][-1]:.3f}s' for m in running), flush=True)
 
 
+def process_names(method: str, processes: int) -> List[str]:
+  """The names of one configuration's processes (its method alone when it
+  has one)."""
+  if processes == 1:
+    return [method]
+  return [f'{method}#{i + 1}' for i in range(processes)]
+
+
 def measure_size(args, size: str, on_record: Callable[[Dict[str, Any]], None],
                  past_deadline: Callable[[], bool]) -> None:
   """Measures every method of one size, handing each record to
   `on_record` as soon as it is complete (at once after each configuration
-  when they run one after another). Starts no configuration once
-  `past_deadline()`."""
+  when they run one after another). Each configuration runs in
+  `args.processes` processes, whose steps its record pools. Starts no
+  process once `past_deadline()`."""
   ready, finish, times = {}, {}, {}
   interleave = args.interleave
+  processes = getattr(args, 'processes', 1)
   running = {}
-  measured = []
+  measured = {}  # method -> the names of its processes that started
 
-  def start(method, launch=None):
-    print(f'[{size} {method}] starting ...', flush=True)
+  def start(method, name, launch=None):
+    print(f'[{size} {name}] starting ...', flush=True)
     if launch is not None:
       script, flags = launch
     elif torch_reference_method(method):
@@ -346,16 +368,22 @@ def measure_size(args, size: str, on_record: Callable[[Dict[str, Any]], None],
       script, flags = reference_worker(args, size, method)
     else:
       script, flags = SCRIPT, worker_args(args, size, method)
-    worker, ready[method] = common.start_worker(script, flags,
-                                                label=f'{size} {method}')
-    times[method] = {'step_s': [], 'matmul_s': [], 'reference_matmul_s': []}
-    print(f'[{size} {method}] ready on '
-          f'{ready[method]["machine"]["device_kind"]}', flush=True)
+    worker, ready[name] = common.start_worker(script, flags,
+                                              label=f'{size} {name}')
+    times[name] = {'step_s': [], 'matmul_s': [], 'reference_matmul_s': []}
+    print(f'[{size} {name}] ready on '
+          f'{ready[name]["machine"]["device_kind"]}', flush=True)
     return worker
 
-  def stop(method, worker):
-    finish[method] = worker.request({'cmd': 'finish'})
+  def stop(name, worker):
+    finish[name] = worker.request({'cmd': 'finish'})
     worker.close()
+
+  def record(method, matmul_s, interleaved):
+    names = measured[method]
+    return make_record(args, size, method, [ready[n] for n in names],
+                       [finish[n] for n in names], [times[n] for n in names],
+                       matmul_s, interleaved=interleaved)
 
   try:
     def methods():
@@ -380,44 +408,56 @@ def measure_size(args, size: str, on_record: Callable[[Dict[str, Any]], None],
               'methods on CPU', flush=True)
 
     for method, launch in methods():
-      if past_deadline():
-        print(f'[{size} {method}] not started: past --deadline_s',
-              flush=True)
-        continue
-      worker = start(method, launch)
-      measured.append(method)
-      if interleave == 'auto':
-        interleave = ('yes' if ready[method]['machine']['backend'] == 'cpu'
-                      else 'no')
-      if interleave == 'yes':
-        running[method] = worker
-      else:
-        run_turns({method: worker}, args.steps, args.matmuls, times)
-        stop(method, worker)
-        on_record(make_record(args, size, method, ready[method],
-                              finish[method], times[method],
-                              times[method]['matmul_s'], interleaved=False))
+      for name in process_names(method, processes):
+        if past_deadline():
+          print(f'[{size} {name}] not started: past --deadline_s',
+                flush=True)
+          continue
+        worker = start(method, name, launch)
+        measured.setdefault(method, []).append(name)
+        if interleave == 'auto':
+          interleave = ('yes' if ready[name]['machine']['backend'] == 'cpu'
+                        else 'no')
+        if interleave == 'yes':
+          running[name] = worker
+        else:
+          run_turns({name: worker}, args.steps, args.matmuls, times)
+          stop(name, worker)
+      if interleave == 'no' and method in measured:
+        on_record(record(method, [t for n in measured[method]
+                                  for t in times[n]['matmul_s']], False))
     if running:
-      run_turns(running, args.steps, args.matmuls, times)
-      for method, worker in list(running.items()):
-        stop(method, worker)
-        del running[method]
-      matmul_all = [t for m in measured for t in times[m]['matmul_s']]
+      # Turns go round the methods before a method's next process, so that
+      # each process's neighbours in time are other methods'.
+      replica = {n: i for names in measured.values()
+                 for i, n in enumerate(names)}
+      run_turns({n: running[n] for n in sorted(running, key=replica.get)},
+                args.steps, args.matmuls, times)
+      for name, worker in list(running.items()):
+        stop(name, worker)
+        del running[name]
+      matmul_all = [t for names in measured.values() for n in names
+                    for t in times[n]['matmul_s']]
       for method in measured:
-        on_record(make_record(args, size, method, ready[method],
-                              finish[method], times[method],
-                              matmul_all, interleaved=True))
+        on_record(record(method, matmul_all, True))
   finally:
     for worker in running.values():
       worker.close()
 
 
-def make_record(args, size: str, method: str, r: Dict[str, Any],
-                f: Dict[str, Any], times: Dict[str, List[float]],
-                matmul_s: List[float], interleaved: bool) -> Dict[str, Any]:
-  """The record of one configuration from its worker's ready (`r`) and
-  finish (`f`) answers, its timings and the peak matmul's."""
-  step, mm = common.stats(times['step_s']), common.stats(matmul_s)
+def make_record(args, size: str, method: str, readies: List[Dict[str, Any]],
+                finishes: List[Dict[str, Any]],
+                times: List[Dict[str, List[float]]], matmul_s: List[float],
+                interleaved: bool) -> Dict[str, Any]:
+  """The record of one configuration from its processes' ready and finish
+  answers and timings (step times pooled over the processes; compile time
+  their median; memory their largest) and the peak matmul's times."""
+  r, f = readies[0], finishes[0]
+  step_s = [t for ts in times for t in ts['step_s']]
+  reference_matmul_s = [t for ts in times for t in ts['reference_matmul_s']]
+  step, mm = common.stats(step_s), common.stats(matmul_s)
+  largest = lambda answers, key: max(a[key] for a in answers)
+  memory = [a['memory'] for a in readies]
   flops = r['flops_per_step']
   matmul_flops = 2.0 * r['matmul_size'] ** 3
   peak, peak_best = matmul_flops / mm['median'], matmul_flops / mm['min']
@@ -428,8 +468,11 @@ def make_record(args, size: str, method: str, r: Dict[str, Any],
     'target_length': args.target_length, 'dropout': args.dropout,
     'gin_bindings': list(args.gin_bindings),
     'steps': step['count'], 'warmup': args.warmup,
+    'processes': len(times),
+    'step_time_median_by_process_s': [
+        common.stats(ts['step_s'])['median'] for ts in times],
     'interleaved': interleaved,
-    'compile_s': r['compile_s'],
+    'compile_s': statistics.median(a['compile_s'] for a in readies),
     'step_time_median_s': step['median'], 'step_time_min_s': step['min'],
     'step_time_max_s': step['max'],
     'tokens_per_s': args.batch_size * (
@@ -441,12 +484,12 @@ def make_record(args, size: str, method: str, r: Dict[str, Any],
     'matmul_median_flops': peak,
     'peak_fraction': flops / step['min'] / peak_best,
     'peak_fraction_median': flops / step['median'] / peak,
-    'peak_memory_mb': r['memory']['peak_memory_mb'],
+    'peak_memory_mb': largest(memory, 'peak_memory_mb'),
     'peak_memory_kind': r['memory']['peak_memory_kind'],
-    'peak_memory_timed_mb': f['peak_memory_timed_mb'],
-    'peak_rss_lifetime_mb': f['peak_rss_lifetime_mb'],
-    'rss_at_start_mb': r['rss_at_start_mb'],
-    'rss_before_steps_mb': r['rss_before_steps_mb'],
+    'peak_memory_timed_mb': largest(finishes, 'peak_memory_timed_mb'),
+    'peak_rss_lifetime_mb': largest(finishes, 'peak_rss_lifetime_mb'),
+    'rss_at_start_mb': largest(readies, 'rss_at_start_mb'),
+    'rss_before_steps_mb': largest(readies, 'rss_before_steps_mb'),
     'xla_temp_mb': r.get('xla_temp_mb'),
     'xla_argument_mb': r.get('xla_argument_mb'),
     'xla_total_mb': r.get('xla_total_mb'),
@@ -456,8 +499,8 @@ def make_record(args, size: str, method: str, r: Dict[str, Any],
         'total_params'],
     'loss_first': f['losses'][0], 'loss_last': f['losses'][-1],
     'reference_matmul_flops': (
-        matmul_flops / min(times['reference_matmul_s'])
-        if times.get('reference_matmul_s') else None),
+        matmul_flops / min(reference_matmul_s)
+        if reference_matmul_s else None),
     'load_average_start': r['machine']['load_average'],
     'load_average_end': list(os.getloadavg()),
     **{k: v for k, v in r['machine'].items() if k != 'load_average'}}
@@ -486,11 +529,21 @@ def targets(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
       if (size, num) in by and (size, den) in by:
         ratio = by[size, num][field] / by[size, den][field]
         strict = field.endswith('_mb')
-        out.append({'kind': 'target', 'size': size,
-                    'method': f'{num} / {den}', 'field': field,
-                    'value': ratio, 'goal': f'{"<" if strict else "<="} '
-                                            f'{goal:g}',
-                    'met': ratio < goal if strict else ratio <= goal})
+        goal_record = {'kind': 'target', 'size': size,
+                       'method': f'{num} / {den}', 'field': field,
+                       'value': ratio, 'goal': f'{"<" if strict else "<="} '
+                                               f'{goal:g}',
+                       'met': ratio < goal if strict else ratio <= goal}
+        # With several processes per configuration, the ratio of each pair
+        # (the i-th of each, which took turns side by side) shows how much
+        # the processes alone move it.
+        by_process = [by[size, m].get('step_time_median_by_process_s')
+                      for m in (num, den)]
+        if (field == 'step_time_median_s' and all(by_process) and
+            len(by_process[0]) == len(by_process[1]) > 1):
+          goal_record['value_by_process'] = [
+              a / b for a, b in zip(*by_process)]
+        out.append(goal_record)
   out += reference_comparisons(records)
   for (size, method), record in by.items():
     where = 'cpu' if record.get('backend') == 'cpu' else 'accelerator'
@@ -593,6 +646,15 @@ def main(argv: Optional[List[str]] = None) -> int:
   parser.add_argument('--matmul_size', type=int, default=0,
                       help='Side of the peak matmul (0: 2048 on CPU, 8192 '
                       'on accelerators).')
+  parser.add_argument('--processes', type=int, default=1,
+                      help='Processes per configuration, alive together and '
+                      'taking turns on CPU; a record pools their steps. '
+                      'Two processes of the same code can differ by a few '
+                      'percent for their whole life (memory placement), '
+                      'more than their steps vary: 3 or more make a ratio '
+                      'of two configurations trustworthy. Costs memory: '
+                      'every process of every method of a size is alive '
+                      'at once.')
   parser.add_argument('--interleave', default='auto',
                       choices=('auto', 'yes', 'no'),
                       help='Keep one process per method alive and take '
@@ -627,7 +689,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return worker_main(args)
   args.sizes = [s for s in args.sizes.split(',') if s]
   args.methods = [m for m in args.methods.split(',') if m]
-  common.check_at_least(parser, args, 1, 'steps', 'matmuls')
+  common.check_at_least(parser, args, 1, 'steps', 'matmuls', 'processes')
   common.check_at_least(parser, args, 0, 'warmup', 'matmul_size')
   ours = list(dict.fromkeys(torch_reference_method(m) or m
                             for m in args.methods))

@@ -8,6 +8,7 @@ how fast anything is.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from unittest import mock
@@ -110,6 +111,36 @@ def test_train_step_benchmark_writes_the_records_the_issue_names(tmp_path):
   # The README's tables come from bench/report.py.
   report = _run('report.py', str(tmp_path))
   assert '| tiny | mov-10 | ' in report and '| tiny | mov-10 / ia3 |' in report
+
+
+def test_train_step_benchmark_pools_several_processes_per_method(tmp_path):
+  out = tmp_path / 'train_step.json'
+  log = _run('train_step.py', '--sizes=tiny', '--methods=ia3,mov-10',
+             '--processes=2', '--steps=2', '--matmuls=1',
+             '--matmul_size=256', '--torch_reference=no', *SHAPES,
+             f'--out={out}')
+  # All four processes take turns, round the methods before a method's
+  # second process.
+  turns = [line for line in log.splitlines() if line.startswith('  step ')]
+  assert len(turns) == 2
+  for line in turns:
+    names = re.findall(r'(\S+) [0-9.]+s', line.split(':', 1)[1])
+    assert names == ['ia3#1', 'mov-10#1', 'ia3#2', 'mov-10#2']
+  records = json.loads(out.read_text())
+  steps = {r['method']: r for r in records if r['kind'] == 'train_step'}
+  for r in steps.values():
+    per_process = r['step_time_median_by_process_s']
+    assert r['processes'] == 2 and r['steps'] == 4 and len(per_process) == 2
+    # The pooled median lies between the processes' own.
+    assert min(per_process) <= r['step_time_median_s'] <= max(per_process)
+  goal = next(g for g in records if g['kind'] == 'target' and
+              g['field'] == 'step_time_median_s')
+  mov, ia3 = (steps[m]['step_time_median_by_process_s']
+              for m in ('mov-10', 'ia3'))
+  assert goal['value_by_process'] == pytest.approx(
+      [mov[0] / ia3[0], mov[1] / ia3[1]])
+  report = _run('report.py', str(tmp_path))
+  assert 'in each of 2 processes' in report and 'process pairs' in report
 
 
 @pytest.mark.parametrize('method', ['full', 'ia3', 'mov-10', 'lora',
