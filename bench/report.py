@@ -71,6 +71,11 @@ def train_step_section(records) -> str:
   timed = (f"{first['steps']} timed steps" if processes == 1 else
            f"{first['steps'] // processes} timed steps in each of "
            f"{processes} processes per configuration")
+  by_size = {r['size']: r.get('processes', 1) for r in steps}
+  if len(set(by_size.values())) > 1:  # runs joined with --append
+    timed = (f"{first['steps'] // processes} timed steps per process; "
+             'processes per configuration: ' +
+             ', '.join(f'{size} {n}' for size, n in by_size.items()))
   out = [f"Training step ({first['dtype']}, batch {first['batch_size']}, "
          f"{first['input_length']} input / {first['target_length']} target "
          f"tokens, dropout {first['dropout']}, {timed}; "

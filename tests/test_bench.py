@@ -141,6 +141,16 @@ def test_train_step_benchmark_pools_several_processes_per_method(tmp_path):
       [mov[0] / ia3[0], mov[1] / ia3[1]])
   report = _run('report.py', str(tmp_path))
   assert 'in each of 2 processes' in report and 'process pairs' in report
+  # Runs joined with --append can differ in processes per configuration.
+  mixed = tmp_path / 'mixed'
+  mixed.mkdir()
+  one_process = {**steps['ia3'], 'size': 'small', 'processes': 1, 'steps': 2,
+                 'step_time_median_by_process_s': [
+                     steps['ia3']['step_time_median_s']]}
+  (mixed / 'train_step.json').write_text(
+      json.dumps([*steps.values(), one_process]))
+  report = _run('report.py', str(mixed))
+  assert 'processes per configuration: tiny 2, small 1' in report
 
 
 @pytest.mark.parametrize('method', ['full', 'ia3', 'mov-10', 'lora',
