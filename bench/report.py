@@ -71,11 +71,12 @@ def train_step_section(records) -> str:
   timed = (f"{first['steps']} timed steps" if processes == 1 else
            f"{first['steps'] // processes} timed steps in each of "
            f"{processes} processes per configuration")
-  by_size = {r['size']: r.get('processes', 1) for r in steps}
-  if len(set(by_size.values())) > 1:  # runs joined with --append
+  counts = {(r['size'], r['method']): r.get('processes', 1) for r in steps}
+  if len(set(counts.values())) > 1:  # runs joined with --append
     timed = (f"{first['steps'] // processes} timed steps per process; "
-             'processes per configuration: ' +
-             ', '.join(f'{size} {n}' for size, n in by_size.items()))
+             'processes per configuration: ' + ', '.join(
+                 f'{size} {method} {n}'
+                 for (size, method), n in counts.items()))
   out = [f"Training step ({first['dtype']}, batch {first['batch_size']}, "
          f"{first['input_length']} input / {first['target_length']} target "
          f"tokens, dropout {first['dropout']}, {timed}; "

@@ -27,17 +27,21 @@ once, turns going round the methods before a method's next process), and
 its record pools their timed steps (`steps` counts them all; each process's
 median in `step_time_median_by_process_s`). A process keeps what slows or
 speeds it (where its memory landed, its threads' placement) for its whole
-life: on a 2-core VM two processes of the same code can differ by several
-percent in every step, more than their steps vary, so with one process per
-configuration a ratio of two configurations can land on either side of its
-goal. The step-time goals then also list the ratio of each pair of
-processes (`value_by_process`: the i-th of each, which ran side by side).
+life: on a 2-core VM the median steps of three processes of the same code,
+taking turns, differed by up to 6%, so with one process per configuration
+a ratio of two configurations can land on either side of its goal. When
+the processes take turns, the step-time goals also list the ratio of each
+pair of processes (`value_by_process`: the i-th of each, which ran side by
+side in the same run). The pooled minimum (`step_time_min_s`, and so
+`peak_fraction`) is the fastest of more steps as N grows; each process's
+is in `step_time_min_by_process_s`.
 
-Per configuration: compile time; median and min step time over --steps steps
-after --warmup; tokens/s (batch x (input + target length) / median step);
-model FLOPs of a step; FLOP/s as a fraction of the matmul peak
-(`peak_fraction`: the fastest step against the fastest matmul of the run,
-`matmul_peak_flops`, the two samples least disturbed by other processes;
+Per configuration: compile time (the median of its processes'); median and
+min step time over --steps steps of each of its processes after --warmup;
+tokens/s (batch x (input + target length) / median step); model FLOPs of
+a step; FLOP/s as a fraction of the matmul peak (`peak_fraction`: the
+fastest step against the fastest matmul of the run, `matmul_peak_flops`,
+the two samples least disturbed by other processes;
 `peak_fraction_median`: medians against medians, which a busy machine skews
 because it delays a short matmul more than a long step); peak memory
 (`peak_memory_mb`: on CPU the host RSS peak over two untimed steps of its
@@ -348,10 +352,9 @@ def measure_size(args, size: str, on_record: Callable[[Dict[str, Any]], None],
   `on_record` as soon as it is complete (at once after each configuration
   when they run one after another). Each configuration runs in
   `args.processes` processes, whose steps its record pools. Starts no
-  process once `past_deadline()`."""
+  configuration once `past_deadline()`."""
   ready, finish, times = {}, {}, {}
   interleave = args.interleave
-  processes = getattr(args, 'processes', 1)
   running = {}
   measured = {}  # method -> the names of its processes that started
 
@@ -379,7 +382,7 @@ def measure_size(args, size: str, on_record: Callable[[Dict[str, Any]], None],
     finish[name] = worker.request({'cmd': 'finish'})
     worker.close()
 
-  def record(method, matmul_s, interleaved):
+  def method_record(method, matmul_s, interleaved):
     names = measured[method]
     return make_record(args, size, method, [ready[n] for n in names],
                        [finish[n] for n in names], [times[n] for n in names],
@@ -408,11 +411,12 @@ def measure_size(args, size: str, on_record: Callable[[Dict[str, Any]], None],
               'methods on CPU', flush=True)
 
     for method, launch in methods():
-      for name in process_names(method, processes):
-        if past_deadline():
-          print(f'[{size} {name}] not started: past --deadline_s',
-                flush=True)
-          continue
+      # A configuration gets all its processes or none.
+      if past_deadline():
+        print(f'[{size} {method}] not started: past --deadline_s',
+              flush=True)
+        continue
+      for name in process_names(method, args.processes):
         worker = start(method, name, launch)
         measured.setdefault(method, []).append(name)
         if interleave == 'auto':
@@ -424,14 +428,15 @@ def measure_size(args, size: str, on_record: Callable[[Dict[str, Any]], None],
           run_turns({name: worker}, args.steps, args.matmuls, times)
           stop(name, worker)
       if interleave == 'no' and method in measured:
-        on_record(record(method, [t for n in measured[method]
+        on_record(method_record(method, [t for n in measured[method]
                                   for t in times[n]['matmul_s']], False))
     if running:
       # Turns go round the methods before a method's next process, so that
       # each process's neighbours in time are other methods'.
-      replica = {n: i for names in measured.values()
-                 for i, n in enumerate(names)}
-      run_turns({n: running[n] for n in sorted(running, key=replica.get)},
+      process_index = {n: i for names in measured.values()
+                       for i, n in enumerate(names)}
+      run_turns({n: running[n]
+                 for n in sorted(running, key=process_index.get)},
                 args.steps, args.matmuls, times)
       for name, worker in list(running.items()):
         stop(name, worker)
@@ -439,7 +444,7 @@ def measure_size(args, size: str, on_record: Callable[[Dict[str, Any]], None],
       matmul_all = [t for names in measured.values() for n in names
                     for t in times[n]['matmul_s']]
       for method in measured:
-        on_record(record(method, matmul_all, True))
+        on_record(method_record(method, matmul_all, True))
   finally:
     for worker in running.values():
       worker.close()
@@ -456,8 +461,10 @@ def make_record(args, size: str, method: str, readies: List[Dict[str, Any]],
   step_s = [t for ts in times for t in ts['step_s']]
   reference_matmul_s = [t for ts in times for t in ts['reference_matmul_s']]
   step, mm = common.stats(step_s), common.stats(matmul_s)
-  largest = lambda answers, key: max(a[key] for a in answers)
-  memory = [a['memory'] for a in readies]
+
+  def largest(answers, key):
+    return max(a[key] for a in answers)
+
   flops = r['flops_per_step']
   matmul_flops = 2.0 * r['matmul_size'] ** 3
   peak, peak_best = matmul_flops / mm['median'], matmul_flops / mm['min']
@@ -471,6 +478,8 @@ def make_record(args, size: str, method: str, readies: List[Dict[str, Any]],
     'processes': len(times),
     'step_time_median_by_process_s': [
         common.stats(ts['step_s'])['median'] for ts in times],
+    'step_time_min_by_process_s': [min(ts['step_s']) for ts in times],
+    'run_id': args.run_id,
     'interleaved': interleaved,
     'compile_s': statistics.median(a['compile_s'] for a in readies),
     'step_time_median_s': step['median'], 'step_time_min_s': step['min'],
@@ -484,7 +493,8 @@ def make_record(args, size: str, method: str, readies: List[Dict[str, Any]],
     'matmul_median_flops': peak,
     'peak_fraction': flops / step['min'] / peak_best,
     'peak_fraction_median': flops / step['median'] / peak,
-    'peak_memory_mb': largest(memory, 'peak_memory_mb'),
+    'peak_memory_mb': largest([a['memory'] for a in readies],
+                              'peak_memory_mb'),
     'peak_memory_kind': r['memory']['peak_memory_kind'],
     'peak_memory_timed_mb': largest(finishes, 'peak_memory_timed_mb'),
     'peak_rss_lifetime_mb': largest(finishes, 'peak_rss_lifetime_mb'),
@@ -534,13 +544,15 @@ def targets(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                        'value': ratio, 'goal': f'{"<" if strict else "<="} '
                                                f'{goal:g}',
                        'met': ratio < goal if strict else ratio <= goal}
-        # With several processes per configuration, the ratio of each pair
-        # (the i-th of each, which took turns side by side) shows how much
-        # the processes alone move it.
-        by_process = [by[size, m].get('step_time_median_by_process_s')
-                      for m in (num, den)]
+        # With several processes per configuration taking turns, the ratio
+        # of each pair (the i-th of each, which took turns side by side)
+        # shows how much the processes alone move it.
+        pair = [by[size, num], by[size, den]]
+        by_process = [r.get('step_time_median_by_process_s') for r in pair]
         if (field == 'step_time_median_s' and all(by_process) and
-            len(by_process[0]) == len(by_process[1]) > 1):
+            len(by_process[0]) == len(by_process[1]) > 1 and
+            all(r.get('interleaved') for r in pair) and
+            pair[0].get('run_id') == pair[1].get('run_id')):
           goal_record['value_by_process'] = [
               a / b for a, b in zip(*by_process)]
         out.append(goal_record)
@@ -647,18 +659,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                       help='Side of the peak matmul (0: 2048 on CPU, 8192 '
                       'on accelerators).')
   parser.add_argument('--processes', type=int, default=1,
-                      help='Processes per configuration, alive together and '
-                      'taking turns on CPU; a record pools their steps. '
-                      'Two processes of the same code can differ by a few '
-                      'percent for their whole life (memory placement), '
-                      'more than their steps vary: 3 or more make a ratio '
-                      'of two configurations trustworthy. Costs memory: '
-                      'every process of every method of a size is alive '
-                      'at once.')
+                      help='Processes per configuration; a record pools '
+                      'their steps. Two processes of the same code can '
+                      'differ by several percent in their median step for '
+                      'their whole life, so more processes show (in the '
+                      'goals\' ratios of each pair of processes) and narrow '
+                      'the spread of a ratio of two configurations. On CPU '
+                      'every process of every method of a size is alive at '
+                      'once (memory!), taking turns; on accelerators they '
+                      'run one after another.')
   parser.add_argument('--interleave', default='auto',
                       choices=('auto', 'yes', 'no'),
-                      help='Keep one process per method alive and take '
-                      'turns step by step (auto: on CPU).')
+                      help='Keep every process of each method alive and '
+                      'take turns step by step (auto: on CPU).')
   parser.add_argument('--torch_reference', default='auto',
                       choices=('auto', 'no'),
                       help='auto: when JAX runs on CPU, also run each '
@@ -688,6 +701,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   if args.worker:
     return worker_main(args)
   args.sizes = [s for s in args.sizes.split(',') if s]
+  # Records of one run share it (--append can join runs).
+  args.run_id = f'{time.strftime("%Y-%m-%dT%H:%M:%S")}-{os.getpid()}'
   args.methods = [m for m in args.methods.split(',') if m]
   common.check_at_least(parser, args, 1, 'steps', 'matmuls', 'processes')
   common.check_at_least(parser, args, 0, 'warmup', 'matmul_size')

@@ -141,6 +141,9 @@ def test_train_step_benchmark_pools_several_processes_per_method(tmp_path):
       [mov[0] / ia3[0], mov[1] / ia3[1]])
   report = _run('report.py', str(tmp_path))
   assert 'in each of 2 processes' in report and 'process pairs' in report
+  # Processes that ran one after another form no pairs.
+  apart = [{**r, 'interleaved': False} for r in steps.values()]
+  assert not any('value_by_process' in g for g in train_step.targets(apart))
   # Runs joined with --append can differ in processes per configuration.
   mixed = tmp_path / 'mixed'
   mixed.mkdir()
@@ -150,7 +153,8 @@ def test_train_step_benchmark_pools_several_processes_per_method(tmp_path):
   (mixed / 'train_step.json').write_text(
       json.dumps([*steps.values(), one_process]))
   report = _run('report.py', str(mixed))
-  assert 'processes per configuration: tiny 2, small 1' in report
+  assert ('processes per configuration: tiny ia3 2, tiny mov-10 2, '
+          'small ia3 1') in report
 
 
 @pytest.mark.parametrize('method', ['full', 'ia3', 'mov-10', 'lora',
@@ -420,14 +424,18 @@ def test_append_replaces_only_the_configurations_measured_again(tmp_path):
     train_step.previous_records(str(out))
 
 
-def test_no_configuration_starts_past_the_deadline(capsys):
+@pytest.mark.parametrize('processes', [1, 3])
+def test_no_configuration_starts_past_the_deadline(capsys, processes):
   import argparse  # pylint: disable=g-import-not-at-top
   args = argparse.Namespace(interleave='auto', methods=['ia3', 'mov-10'],
-                            torch_reference='auto')
+                            processes=processes, torch_reference='auto')
   got = []
   train_step.measure_size(args, 'tiny', got.append, lambda: True)
   assert not got
-  assert capsys.readouterr().out.count('not started: past --deadline_s') == 2
+  # Checked per configuration, not per process: all of them or none.
+  out = capsys.readouterr().out
+  assert out.count('not started: past --deadline_s') == 2
+  assert '[tiny mov-10] not started' in out
 
 
 def test_auto_torch_reference_skips_what_it_does_not_implement(capsys):
@@ -438,6 +446,7 @@ def test_auto_torch_reference_skips_what_it_does_not_implement(capsys):
   common.add_shape_flags(parser)
   args = parser.parse_args(SHAPES)
   args.__dict__.update(interleave='yes', torch_reference='auto', warmup=1,
+                       processes=1,
                        matmul_size=256, methods=['mov-10', 'ia3'])
 
   def planned(gin_bindings):
