@@ -67,16 +67,18 @@ def train_step_section(records) -> str:
            '-' if r.get('xla_total_mb') is None else
            f"{r['xla_total_mb']:,.0f}",
            f"{r['trainable_params']:,}"] for r in steps]
-  processes = first.get('processes', 1)
-  timed = (f"{first['steps']} timed steps" if processes == 1 else
-           f"{first['steps'] // processes} timed steps in each of "
-           f"{processes} processes per configuration")
   counts = {(r['size'], r['method']): r.get('processes', 1) for r in steps}
+  per_process = first['steps'] // first.get('processes', 1)
   if len(set(counts.values())) > 1:  # runs joined with --append
-    timed = (f"{first['steps'] // processes} timed steps per process; "
-             'processes per configuration: ' + ', '.join(
+    timed = (f'{per_process} timed steps per process; processes per '
+             'configuration: ' + ', '.join(
                  f'{size} {method} {n}'
                  for (size, method), n in counts.items()))
+  elif first.get('processes', 1) > 1:
+    timed = (f"{per_process} timed steps in each of {first['processes']} "
+             'processes per configuration')
+  else:
+    timed = f'{per_process} timed steps'
   out = [f"Training step ({first['dtype']}, batch {first['batch_size']}, "
          f"{first['input_length']} input / {first['target_length']} target "
          f"tokens, dropout {first['dropout']}, {timed}; "

@@ -382,11 +382,16 @@ def measure_size(args, size: str, on_record: Callable[[Dict[str, Any]], None],
     finish[name] = worker.request({'cmd': 'finish'})
     worker.close()
 
-  def method_record(method, matmul_s, interleaved):
+  def method_record(method):
+    # Processes that took turns share one peak: the fastest matmul of all.
+    interleaved = interleave == 'yes'
     names = measured[method]
+    peak_names = ([n for ns in measured.values() for n in ns] if interleaved
+                  else names)
     return make_record(args, size, method, [ready[n] for n in names],
                        [finish[n] for n in names], [times[n] for n in names],
-                       matmul_s, interleaved=interleaved)
+                       [t for n in peak_names for t in times[n]['matmul_s']],
+                       interleaved=interleaved)
 
   try:
     def methods():
@@ -427,9 +432,8 @@ def measure_size(args, size: str, on_record: Callable[[Dict[str, Any]], None],
         else:
           run_turns({name: worker}, args.steps, args.matmuls, times)
           stop(name, worker)
-      if interleave == 'no' and method in measured:
-        on_record(method_record(method, [t for n in measured[method]
-                                  for t in times[n]['matmul_s']], False))
+      if interleave == 'no':
+        on_record(method_record(method))
     if running:
       # Turns go round the methods before a method's next process, so that
       # each process's neighbours in time are other methods'.
@@ -441,10 +445,8 @@ def measure_size(args, size: str, on_record: Callable[[Dict[str, Any]], None],
       for name, worker in list(running.items()):
         stop(name, worker)
         del running[name]
-      matmul_all = [t for names in measured.values() for n in names
-                    for t in times[n]['matmul_s']]
       for method in measured:
-        on_record(method_record(method, matmul_all, True))
+        on_record(method_record(method))
   finally:
     for worker in running.values():
       worker.close()
