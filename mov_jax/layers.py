@@ -158,7 +158,7 @@ class DenseGeneral(nn.Module):
 
   The kernel is stored flattened to 2-D `[prod(in), prod(out)]` (the layout of
   T5X checkpoints, e.g. attention kernels `(embed, joined_kv)`) and reshaped
-  for the contraction.
+  for the contraction (on CPU, the input is flattened instead; see below).
   """
   features: Union[int, Tuple[int, ...]]
   axis: Union[int, Tuple[int, ...]] = -1
@@ -177,9 +177,26 @@ class DenseGeneral(nn.Module):
         'kernel', self.kernel_init,
         (int(np.prod(in_shape)), int(np.prod(features))), jnp.float32,
         axes=self.kernel_axes)
-    kernel = jnp.reshape(jnp.asarray(kernel, self.dtype), in_shape + features)
-    contract = tuple(range(len(axis)))
-    return lax.dot_general(inputs, kernel, ((axis, contract), ((), ())))
+    kernel = jnp.asarray(kernel, self.dtype)
+    if jax.default_backend() != 'cpu':
+      kernel = jnp.reshape(kernel, in_shape + features)
+      contract = tuple(range(len(axis)))
+      return lax.dot_general(inputs, kernel, ((axis, contract), ((), ())))
+    # On CPU, one 2-D matmul against the kernel as stored, the input's
+    # contracted axes flattened: contracting the kernel reshaped to
+    # `in_shape + features` gives the same forward pass, but its input
+    # gradient then contracts the kernel over several axes, and XLA's CPU
+    # backend copies every such kernel into a transposed layout on every
+    # step for it (90 copies in a T5-small step), where the 2-D form's
+    # `dy @ kernel^T` reads the kernel in place. Accelerators keep the
+    # reshaped kernel: on TPU, splitting a 384-wide activation into
+    # [6, 64] would be a relayout of the activation instead.
+    kept = tuple(ax for ax in range(inputs.ndim) if ax not in axis)
+    inputs = jnp.transpose(inputs, kept + axis)  # no-op for trailing axes
+    batch_shape = tuple(inputs.shape[:len(kept)])
+    flat = jnp.reshape(inputs, batch_shape + (kernel.shape[0],))
+    out = _contract_last_first(flat, kernel)
+    return jnp.reshape(out, batch_shape + features)
 
 
 def _contract_last_first(x: Array, w: Array) -> Array:

@@ -288,6 +288,50 @@ def test_relative_position_bias_is_a_lookup_without_a_one_hot_constant():
   assert len(apply.lower(params).as_text()) < qlen * klen * 32
 
 
+def _parameter_copies(hlo: str, argument: str) -> list:
+  """Instructions of an optimized HLO module's entry computation that read
+  nothing but the jitted function's `argument` and are not matmuls: copies,
+  transposes, elementwise loop fusions (a layout change of it)."""
+  entry = hlo[hlo.index('\nENTRY '):]
+  name = re.search(r'%%(\S+) = \S+ parameter\(\d+\), metadata={op_name="%s"}'
+                   % argument, entry).group(1)
+  return [line.strip() for line in entry.splitlines()
+          if re.search(r'(copy|transpose|fusion)\(%%%s\)' % re.escape(name), line)
+          and 'kind=kCustom' not in line]
+
+
+@pytest.mark.parametrize('features,axis', [((4, 8), -1), (24, (-2, -1))])
+def test_dense_general_input_gradient_reads_the_kernel_in_place(features, axis):
+  # The projections into and out of the attention heads contract or produce
+  # several axes. As a contraction with the kernel reshaped to those axes,
+  # XLA's CPU backend copied each kernel into a transposed layout on every
+  # step for the input gradient; as a 2-D matmul it reads the kernel as
+  # stored.
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 4, 8) if axis != -1
+                        else (2, 16, 24))
+  module = layers.DenseGeneral(features=features, axis=axis)
+  kernel = module.init(jax.random.PRNGKey(1), x)['params']['kernel']
+  out_shape = module.apply({'params': {'kernel': kernel}}, x).shape
+  cotangent = jax.random.normal(jax.random.PRNGKey(2), out_shape)
+
+  def input_gradient(x, kernel):
+    return jax.grad(lambda x: jnp.sum(module.apply(
+        {'params': {'kernel': kernel}}, x) * cotangent))(x)
+
+  # The same gradient as the multi-axis contraction's.
+  contracted = tuple(range(x.ndim - (2 if axis != -1 else 1), x.ndim))
+  in_shape = tuple(x.shape[a] for a in contracted)
+  reshaped = kernel.reshape(in_shape + tuple(np.atleast_1d(features)))
+  expected = jax.grad(lambda x: jnp.sum(jax.lax.dot_general(
+      x, reshaped, ((contracted, tuple(range(len(contracted)))), ((), ())))
+      * cotangent))(x)
+  np.testing.assert_allclose(input_gradient(x, kernel), expected, rtol=1e-5,
+                             atol=1e-5)
+  if jax.default_backend() == 'cpu':
+    hlo = jax.jit(input_gradient).lower(x, kernel).compile().as_text()
+    assert _parameter_copies(hlo, 'kernel') == []
+
+
 @pytest.mark.parametrize('policy', ['minimal', 'full'])
 def test_recomputing_layers_changes_the_memory_not_the_gradients(policy):
   base = network.T5Config(**{**V11_TINY.__dict__, 'dropout_rate': 0.2})
