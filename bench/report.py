@@ -3,8 +3,11 @@
     python bench/report.py bench/results/latest
 
 Reads what `make bench` writes there (train_step.json, matmul_floor.json,
-packing.json, scaling.json, scoring.json; any of them may be missing) and
-prints one Markdown table per benchmark, with the machine and code version they ran on.
+packing.json, scaling.json, scoring.json, mov_site.json; any of them may be
+missing) and prints one Markdown table per benchmark, with the machine and
+code version they ran on. Further runs of a benchmark kept beside them,
+named after its file (train_step_tiny.json, matmul_floor_gpu.json), follow
+its table, each under its file's name.
 """
 
 import argparse
@@ -206,6 +209,15 @@ SECTIONS: Tuple[Tuple[str, Any], ...] = (
     ('mov_site.json', mov_site_section))
 
 
+def result_files(directory: str, name: str) -> List[str]:
+  """`name` (e.g. train_step.json) and the further runs of its benchmark in
+  `directory` (train_step_<anything>.json), sorted."""
+  stem = name[:-len('.json')]
+  return [name] + sorted(
+      f for f in os.listdir(directory)
+      if f.startswith(stem + '_') and f.endswith('.json'))
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('directory')
@@ -214,18 +226,20 @@ def main(argv=None) -> int:
     parser.error(f'{args.directory} is not a directory; give one that '
                  'make bench (or bench/*.py --out) wrote results into.')
   parts = []
-  for name, section in SECTIONS:
-    try:
-      records = load(args.directory, name)
-      if records:
-        parts.append(section(records))
-    except ValueError as e:
-      parser.error(str(e))
-    except (KeyError, IndexError, TypeError) as e:
-      # Records of another benchmark, or of an older version of it.
-      parser.error(f'{os.path.join(args.directory, name)}: not the records '
-                   f'its benchmark writes ({type(e).__name__}: {e}); rerun '
-                   'it or move the file away.')
+  for main_name, section in SECTIONS:
+    for name in result_files(args.directory, main_name):
+      try:
+        records = load(args.directory, name)
+        if records:
+          text = section(records)
+          parts.append(text if name == main_name else f'`{name}`:\n\n{text}')
+      except ValueError as e:
+        parser.error(str(e))
+      except (KeyError, IndexError, TypeError) as e:
+        # Records of another benchmark, or of an older version of it.
+        parser.error(f'{os.path.join(args.directory, name)}: not the records '
+                     f'its benchmark writes ({type(e).__name__}: {e}); rerun '
+                     'it or move the file away.')
   if not parts:
     print(f'No benchmark results (*.json of make bench) in '
           f'{args.directory}.', file=sys.stderr)

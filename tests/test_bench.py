@@ -108,9 +108,16 @@ def test_train_step_benchmark_writes_the_records_the_issue_names(tmp_path):
                g['field'] == 'step_time_median_s')['value']
   assert ratio == pytest.approx(steps['mov-10']['step_time_median_s'] /
                                 steps['ia3']['step_time_median_s'])
-  # The README's tables come from bench/report.py.
+  # The README's tables come from bench/report.py, which also shows further
+  # runs of a benchmark kept beside its file, under their names.
   report = _run('report.py', str(tmp_path))
   assert '| tiny | mov-10 | ' in report and '| tiny | mov-10 / ia3 |' in report
+  assert report.count('| tiny | mov-10 | ') == 1
+  (tmp_path / 'train_step_again.json').write_text(json.dumps(records))
+  report = _run('report.py', str(tmp_path))
+  assert report.count('| tiny | mov-10 | ') == 2
+  assert report.index('`train_step_again.json`:') > report.index(
+      '| tiny | mov-10 | ')
 
 
 def test_train_step_benchmark_pools_several_processes_per_method(tmp_path):
