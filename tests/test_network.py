@@ -300,15 +300,18 @@ def _parameter_copies(hlo: str, argument: str) -> list:
           and 'kind=kCustom' not in line]
 
 
-@pytest.mark.parametrize('features,axis', [((4, 8), -1), (24, (-2, -1))])
-def test_dense_general_input_gradient_reads_the_kernel_in_place(features, axis):
+@pytest.mark.parametrize('x_shape,axis,features', [
+    ((2, 16, 24), (-1,), (4, 8)),  # into the heads, like query/key/value
+    ((2, 16, 4, 8), (-2, -1), (24,)),  # out of the heads, like `out`
+])
+def test_dense_general_input_gradient_reads_the_kernel_in_place(
+    x_shape, axis, features):
   # The projections into and out of the attention heads contract or produce
   # several axes. As a contraction with the kernel reshaped to those axes,
   # XLA's CPU backend copied each kernel into a transposed layout on every
   # step for the input gradient; as a 2-D matmul it reads the kernel as
   # stored.
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 4, 8) if axis != -1
-                        else (2, 16, 24))
+  x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
   module = layers.DenseGeneral(features=features, axis=axis)
   kernel = module.init(jax.random.PRNGKey(1), x)['params']['kernel']
   out_shape = module.apply({'params': {'kernel': kernel}}, x).shape
@@ -319,9 +322,8 @@ def test_dense_general_input_gradient_reads_the_kernel_in_place(features, axis):
         {'params': {'kernel': kernel}}, x) * cotangent))(x)
 
   # The same gradient as the multi-axis contraction's.
-  contracted = tuple(range(x.ndim - (2 if axis != -1 else 1), x.ndim))
-  in_shape = tuple(x.shape[a] for a in contracted)
-  reshaped = kernel.reshape(in_shape + tuple(np.atleast_1d(features)))
+  contracted = tuple(a % x.ndim for a in axis)
+  reshaped = kernel.reshape(tuple(x.shape[a] for a in contracted) + features)
   expected = jax.grad(lambda x: jnp.sum(jax.lax.dot_general(
       x, reshaped, ((contracted, tuple(range(len(contracted)))), ((), ())))
       * cotangent))(x)
