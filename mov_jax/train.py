@@ -84,8 +84,8 @@ class TrainConfig:
       is always saved.
     keep_checkpoints: keep only the newest N (None: keep all).
     log_period: print, and write metrics, every N steps (and after the first
-      and the last). On CPU the router statistics among them are computed
-      only on those steps (`logs_metrics`, `make_train_step`).
+      and the last). On one CPU device the router statistics among them
+      are computed only on those steps (`logs_metrics`, `make_train_step`).
     seed: seeds parameter init, dropout and the input shuffle.
     shuffle: shuffle the training data.
     export_adapter: write the trainable parameters alone at the end.
@@ -210,16 +210,25 @@ def logs_metrics(cfg: TrainConfig, done):
 
 
 def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule):
-  """The training step `(state, batch) -> (state, metrics)`. On CPU the
-  metrics' router statistics (`router/...`) are computed only on steps
-  whose metrics get logged (`logs_metrics`) and are zeros on the others:
-  there they cost a few percent of a small model's step. Elsewhere they
-  are cheap next to the step, while a conditional per router may not be
-  (XLA:GPU can wait on the host for each conditional's predicate), so they
-  are computed on every step."""
+                    schedule: optax.Schedule,
+                    mesh: Optional[jax.sharding.Mesh] = None):
+  """The training step `(state, batch) -> (state, metrics)`, to be
+  partitioned over `mesh` (None: one device).
+
+  On one CPU device the metrics' router statistics (`router/...`) are
+  computed only on steps whose metrics get logged (`logs_metrics`) and are
+  zeros on the others: there they cost a few percent of a small model's
+  step. Elsewhere they are computed on every step. On accelerators they are
+  cheap next to the step, while a conditional per router may not be
+  (XLA:GPU can wait on the host for each conditional's predicate). On
+  several devices each router's conditional would hold the all-reduce of
+  its statistics' batch sums, and XLA:CPU does not order a conditional's
+  collectives with the step's others: one device waiting in a router's
+  all-reduce while the other waits in the loss's, their intra-op threads
+  all taken, never return (seen in CI, a 2x1 mesh on 2 cores)."""
   network = cfg.network
-  switch_statistics = jax.default_backend() == 'cpu'
+  switch_statistics = (jax.default_backend() == 'cpu' and
+                       (mesh is None or mesh.size == 1))
 
   def train_step(state: ts.TrainState, batch) -> Tuple[ts.TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
@@ -624,7 +633,8 @@ def jit_train_step(cfg: TrainConfig, tx: optax.GradientTransformation,
                    layout: StateLayout):
   """`make_train_step` jitted with the state's and the batch's shardings,
   the state donated."""
-  return jax.jit(make_train_step(cfg, tx, cfg.optimizer.learning_rate_fn()),
+  return jax.jit(make_train_step(cfg, tx, cfg.optimizer.learning_rate_fn(),
+                                 layout.mesh),
                  in_shardings=(layout.shardings,
                                partitioning.batch_sharding(layout.mesh)),
                  out_shardings=(layout.shardings,
