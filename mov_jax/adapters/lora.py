@@ -184,7 +184,7 @@ def _softmax_of_columns(logits: Array) -> Array:
   maximum and sum taken over column slices: elementwise passes that XLA
   fuses with the rest of the routing, where its CPU backend runs the
   reductions along the short innermost axis as separate, slow operations
-  (a tiny model's MoLoRA-10 step 1.2% faster)."""
+  (a tiny model's MoLoRA-10 step 0.8-1.3% faster)."""
   columns = [logits[..., e:e + 1] for e in range(logits.shape[-1])]
   shifted = jnp.exp(logits - functools.reduce(jnp.maximum, columns))
   return shifted / _sum_column_groups(shifted, logits.shape[-1])
